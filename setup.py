@@ -1,0 +1,115 @@
+"""Build stm_dist and its compiled operator library stm_dist._C.
+
+The C++ (CPU) kernels are always built. The CUDA kernels are built when torch is a CUDA build
+and nvcc is found; STM_DIST_CUDA=0 forces them off, STM_DIST_CUDA=1 makes their absence an
+error. The build log says which happened.
+"""
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _log(msg):
+    print(f"[stm_dist setup] {msg}", file=sys.stderr, flush=True)
+
+
+def _cuda_decision():
+    """Return (build_cuda: bool, reason: str)."""
+    want = os.environ.get("STM_DIST_CUDA", "auto").strip().lower()
+    if want in ("0", "off", "false", "no"):
+        return False, "disabled by STM_DIST_CUDA=0"
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    problems = []
+    if torch.version.cuda is None:
+        problems.append(f"torch {torch.__version__} is not a CUDA build")
+    if CUDA_HOME is None or not os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
+        problems.append("nvcc not found (set CUDA_HOME)")
+    if problems:
+        if want in ("1", "on", "true", "yes"):
+            raise SystemExit("STM_DIST_CUDA=1 but CUDA kernels cannot be built: " + "; ".join(problems))
+        return False, "; ".join(problems)
+    return True, f"torch CUDA {torch.version.cuda}, nvcc at {CUDA_HOME}"
+
+
+def _extensions():
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension
+
+    cpp = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cu = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
+    cxx = ["-O3", "-std=c++20", "-fopenmp"]
+    build_cuda, reason = _cuda_decision()
+    if build_cuda and cu:
+        _log(f"building CPU + CUDA kernels ({reason})")
+        import torch
+
+        # torch's CUDA headers include cusparse.h / cublas_v2.h; a minimal toolkit may lack
+        # them, but torch's own nvidia-* wheels ship them.
+        nv_inc = [
+            d
+            for pat in ("nvidia/cu*/include", "nvidia/*/include")
+            for p in sys.path
+            for d in glob.glob(os.path.join(p, pat))
+        ]
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        return [
+            CUDAExtension(
+                "stm_dist._C",
+                cpp + cu,
+                include_dirs=[os.path.join(ROOT, "csrc")] + sorted(set(nv_inc)),
+                define_macros=[("WITH_CUDA", None)],
+                extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-std=c++20"]},
+                extra_link_args=["-fopenmp"],
+            )
+        ]
+    _log(f"building CPU kernels only ({reason if not build_cuda else 'no CUDA sources'})")
+    return [
+        CppExtension(
+            "stm_dist._C",
+            cpp,
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            extra_compile_args={"cxx": cxx},
+            extra_link_args=["-fopenmp"],
+        )
+    ]
+
+
+def _build_ext():
+    from torch.utils.cpp_extension import BuildExtension
+
+    return BuildExtension.with_options(use_ninja=True)
+
+
+setup(
+    name="stm-dist",
+    version="0.1.0",
+    description="Spatial token mixers compared fairly: DeepSpeed training of the unified STM backbones",
+    packages=find_packages(include=["stm_dist", "stm_dist.*", "data_tools", "data_tools.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "torchvision",
+        "numpy",
+        "pillow",
+        "pyyaml>=6",
+        "tqdm",
+        "timm>=1.0,<2",
+    ],
+    extras_require={
+        "train": ["deepspeed>=0.19,<0.20", "tensorboard", "matplotlib"],
+        "data": ["nvidia-dali-cuda130>=2.4,<3", "webdataset>=1.0,<2"],
+        "test": ["pytest", "scikit-learn", "scikit-image"],
+    },
+    ext_modules=_extensions(),
+    cmdclass={"build_ext": _build_ext()},
+    entry_points={
+        "console_scripts": [
+            "stm-env=stm_dist.cli.env:main",
+        ]
+    },
+)
