@@ -1,0 +1,59 @@
+"""Small pieces shared by the meta-architecture and several mixers.
+
+Module attribute names (`fc1`, `fc2`, `weight`, `bias`) are part of the checkpoint format: they
+match the original state-dict keys, so they must not be renamed.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropPath
+
+__all__ = ["LayerNorm2d", "Mlp", "drop_path_or_identity", "to_2tuple"]
+
+
+def to_2tuple(v):
+    if isinstance(v, (tuple, list)):
+        if len(v) != 2:
+            raise ValueError(f"expected an int or a pair, got {v!r}")
+        return int(v[0]), int(v[1])
+    return int(v), int(v)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channel dim of an NCHW tensor (eps 1e-6 as in the original).
+
+    Done by permuting to NHWC and back, exactly like the original, so float rounding matches.
+    """
+
+    def __init__(self, num_channels: int, eps: float = 1e-6):
+        super().__init__(num_channels, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class Mlp(nn.Module):
+    """Linear -> GELU -> Linear on the last dim (keys `fc1`, `fc2` as timm's Mlp)."""
+
+    def __init__(self, dim: int, hidden: int, act_layer=nn.GELU):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = act_layer()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def drop_path_or_identity(p: float) -> nn.Module:
+    """One DropPath per block (shared by both residual branches, independent draws)."""
+    return DropPath(p) if p > 0.0 else nn.Identity()
+
+
+def layer_scale(shape, init_value: float):
+    """A learnable layer-scale gamma, or None when layer scale is switched off (init <= 0)."""
+    if init_value is None or init_value <= 0:
+        return None
+    return nn.Parameter(init_value * torch.ones(shape))

@@ -1,0 +1,210 @@
+"""The unified meta-architecture every spatial token mixer (STM) plugs into.
+
+Stem (two stride-2 convs) -> 4 stages of mixer blocks separated by stride-2 conv downsamples,
+each stage followed by a LayerNorm2d that sits on the main path -> 1x1 conv head (+BN+GELU) ->
+global average pool -> linear classifier. Only the block class differs between mixers, so the
+comparison is fair; the mixers never copy this file, they hand it a block class.
+
+Attribute names are the original's state-dict prefixes (`downsample_layers`, `stages`,
+`stage_norms`, `stage_end_norm`, `conv_head`, `avg_head`, `head`): released checkpoints load
+strictly.
+"""
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+from timm.layers import trunc_normal_
+from torch.utils.checkpoint import checkpoint
+
+from .layers import LayerNorm2d, to_2tuple
+
+__all__ = ["MetaArch", "Stem", "DownsampleLayer"]
+
+
+class Stem(nn.Module):
+    """Two 3x3 stride-2 convs (stride 4 overall) with LayerNorm2d, GELU between them."""
+
+    def __init__(self, in_channels: int, out_channels: int, act_layer=nn.GELU):
+        super().__init__()
+        mid = int(out_channels * 0.5)
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, mid, 3, stride=2, padding=1, bias=True),
+            LayerNorm2d(mid),
+            act_layer(),
+            nn.Conv2d(mid, out_channels, 3, stride=2, padding=1, bias=True),
+            LayerNorm2d(out_channels),
+        )
+
+    def forward(self, x):
+        return self.stem(x)
+
+
+class DownsampleLayer(nn.Module):
+    """3x3 stride-2 conv (no bias) + LayerNorm2d between stages."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.reduction = nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, 3, stride=2, padding=1, bias=False),
+            LayerNorm2d(out_channels),
+        )
+
+    def forward(self, x):
+        return self.reduction(x)
+
+
+def _init_weights(m: nn.Module) -> None:
+    # Applied to the whole network after construction, deliberately overriding block-level
+    # inits (spec §1.3): this is what the original trained from.
+    if isinstance(m, (nn.Conv2d, nn.Linear)):
+        trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+class MetaArch(nn.Module):
+    """Unified backbone + classifier.
+
+    Block contract: `block_type(dim, drop_path, stage, depth, total_depth, input_resolution,
+    layer_scale_init_value, **block_kwargs)`. Optional hooks on the block class:
+    `extra_inputs(img, **forward_kwargs)` -> one extra input per stage, passed to every block of
+    stage i as the tuple `(x, extra[i])` (blocks then return a tuple too);
+    `pre_stage_transform(x)` / `post_stage_transform(x)` around each stage (layout changes).
+    """
+
+    def __init__(
+        self,
+        block_type,
+        img_size=224,
+        in_channels: int = 3,
+        num_classes: int = 1000,
+        depths: Sequence[int] = (3, 3, 9, 3),
+        dims: Sequence[int] = (96, 192, 384, 768),
+        drop_path_rate: float = 0.0,
+        layer_scale_init_value: float = 1e-6,
+        block_kwargs: Optional[dict] = None,
+        forward_kwargs: Optional[dict] = None,
+        extra_transform: bool = True,
+        extra_transform_ratio: float = 1.5,
+        norm_every_stage: bool = True,
+        grad_checkpointing: bool = False,
+        features_only: bool = False,
+        out_indices: Sequence[int] = (0, 1, 2, 3),
+    ):
+        super().__init__()
+        if len(depths) != 4 or len(dims) != 4:
+            raise ValueError(f"depths and dims need 4 entries, got depths={depths} dims={dims}")
+        bad = [i for i in out_indices if i not in range(4)]
+        if bad:
+            raise ValueError(f"out_indices must be within 0..3, got {tuple(out_indices)}")
+        self.block_type = block_type
+        self.depths, self.dims = tuple(depths), tuple(dims)
+        self.img_size = to_2tuple(img_size)
+        self.num_classes = num_classes
+        self.forward_kwargs = dict(forward_kwargs or {})
+        self.grad_checkpointing = grad_checkpointing
+        self.features_only = features_only
+        self.out_indices = tuple(out_indices)
+        block_kwargs = dict(block_kwargs or {})
+
+        self.downsample_layers = nn.ModuleList([Stem(in_channels, dims[0])])
+        for i in range(1, 4):
+            self.downsample_layers.append(DownsampleLayer(dims[i - 1], dims[i]))
+
+        # float32 linspace then .item(), as the original: the rates are bit-identical.
+        dp_rates = [v.item() for v in torch.linspace(0, drop_path_rate, sum(depths), device="cpu")]
+        grid = (self.img_size[0] // 4, self.img_size[1] // 4)
+        self.stages = nn.ModuleList()
+        cur = 0
+        for i in range(4):
+            res = (grid[0] // 2**i, grid[1] // 2**i)
+            self.stages.append(nn.ModuleList([
+                block_type(dim=dims[i], drop_path=dp_rates[cur + j], stage=i, depth=j,
+                           total_depth=cur + j, input_resolution=res,
+                           layer_scale_init_value=layer_scale_init_value, **block_kwargs)
+                for j in range(depths[i])
+            ]))
+            cur += depths[i]
+
+        norm = LayerNorm2d if norm_every_stage else (lambda d: nn.Identity())
+        self.stage_norms = nn.ModuleList([norm(d) for d in dims])
+        self.stage_end_norm = nn.Identity() if norm_every_stage else LayerNorm2d(dims[-1])
+
+        self.num_features = int(dims[-1] * extra_transform_ratio) if extra_transform else dims[-1]
+        if features_only:
+            # A feature extractor has no classifier: unused parameters would upset DDP/ZeRO.
+            self.conv_head = self.avg_head = self.head = None
+        else:
+            if extra_transform:
+                self.conv_head = nn.Sequential(
+                    nn.Conv2d(dims[-1], self.num_features, 1, bias=False),
+                    nn.BatchNorm2d(self.num_features),
+                    nn.GELU(),
+                )
+            else:
+                self.conv_head = nn.Identity()
+            self.avg_head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Identity(), nn.Flatten(1))
+            self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+        info = [dict(num_chs=dims[i], reduction=4 * 2**i, module=f"stage_norms.{i}") for i in range(4)]
+        self.feature_info = [info[i] for i in self.out_indices] if features_only else info
+        self.apply(_init_weights)
+
+    # -- interface -------------------------------------------------------------------------
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def no_weight_decay(self) -> set:
+        """Names the original's optimizer factory exempts from weight decay (spec §1.4)."""
+        skip = {"absolute_pos_embed"}
+        skip.update(n for n, _ in self.named_parameters() if "relative_position_bias_table" in n)
+        return skip
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def _run_block(self, blk, x):
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(blk, x, use_reentrant=False)
+        return blk(x)
+
+    def forward_stages(self, x: torch.Tensor) -> list:
+        """All four stage maps (NCHW, strides 4/8/16/32), each after its stage norm."""
+        if x.dim() != 4:
+            raise ValueError(f"expected an image batch (B, C, H, W), got shape {tuple(x.shape)}")
+        bt = self.block_type
+        extra = bt.extra_inputs(x, **self.forward_kwargs) if hasattr(bt, "extra_inputs") else None
+        outs = []
+        for i in range(4):
+            x = self.downsample_layers[i](x)
+            if hasattr(bt, "pre_stage_transform"):
+                x = bt.pre_stage_transform(x)
+            if extra is not None:
+                x = (x, extra[i])
+            for blk in self.stages[i]:
+                x = self._run_block(blk, x)
+            if hasattr(bt, "post_stage_transform"):
+                x = bt.post_stage_transform(x)
+            if extra is not None:
+                x = x[0]
+            x = self.stage_norms[i](x)
+            outs.append(x)
+        return outs
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled (B, num_features) features after conv head and global average pooling."""
+        if self.features_only:
+            raise RuntimeError("forward_features needs the conv head; this model was built with features_only=True")
+        x = self.forward_stages(x)[-1]
+        x = self.stage_end_norm(x)
+        x = self.conv_head(x)
+        return self.avg_head(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor):
+        if self.features_only:
+            feats = self.forward_stages(x)
+            return [feats[i] for i in self.out_indices]
+        return self.forward_head(self.forward_features(x))

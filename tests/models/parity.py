@@ -1,0 +1,98 @@
+"""Shared helpers for fixture parity with the original models (used by every mixer's tests).
+
+`fill_state_dict` is the fixture README's weight rule: every floating-point entry is drawn from a
+generator seeded by the CRC32 of its (original) key name, so a model with the original key names
+gets exactly the weights the fixtures were produced with.
+"""
+import os
+import zlib
+
+import torch
+
+from stm_dist.models import create_model
+
+SPEC_DIR = os.environ.get("STM_SPEC_DIR", "/work/shared/spec")
+FIXTURE_DIR = os.path.join(SPEC_DIR, "original_fixtures")
+KEYS_DIR = os.path.join(SPEC_DIR, "original_state_dict_keys")
+
+# README "Suggested tolerances".
+TOL = {torch.float64: dict(logits=1e-9, stage=1e-9), torch.float32: dict(logits=1e-6, stage=1e-5)}
+
+
+def fill_state_dict(sd: dict, dtype: torch.dtype) -> dict:
+    out = {}
+    for k, v in sd.items():
+        if (not v.is_floating_point()) or k.endswith("relative_position_index") or k.endswith("attn_mask"):
+            out[k] = v
+            continue
+        g = torch.Generator().manual_seed(zlib.crc32(k.encode("utf-8")))
+        r = torch.randn(v.shape, generator=g, dtype=torch.float64)
+        if k.endswith("running_var"):
+            t = 1.0 + 0.1 * r.abs()
+        elif v.dim() >= 2:
+            t = 0.02 * r
+        elif k.endswith(".weight"):
+            t = 1.0 + 0.1 * r
+        else:
+            t = 0.1 * r
+        out[k] = t.to(dtype)
+    return out
+
+
+def fixture_input(dtype: torch.dtype) -> torch.Tensor:
+    """The fixtures' input: float64 runs used the un-rounded float64 tensor."""
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return x if dtype == torch.float64 else x.float()
+
+
+def has_fixture(name: str) -> bool:
+    return os.path.exists(os.path.join(FIXTURE_DIR, f"{name}.pt"))
+
+
+def load_fixture(name: str, dtype: torch.dtype) -> dict:
+    key = "float64" if dtype == torch.float64 else "float32"
+    return torch.load(os.path.join(FIXTURE_DIR, f"{name}.pt"), weights_only=False)[key]
+
+
+def filled_model(name: str, dtype: torch.dtype, **overrides):
+    """Model `name` in eval mode, in `dtype`, with the fixture weights loaded strictly."""
+    model = create_model(name, num_classes=1000, layer_scale_init_value=1e-6, **overrides)
+    model = model.to(dtype).eval()
+    model.load_state_dict(fill_state_dict(model.state_dict(), dtype), strict=True)
+    return model
+
+
+@torch.no_grad()
+def run_fixture(name: str, dtype: torch.dtype, x: torch.Tensor = None, **overrides) -> dict:
+    """Logits and fixture-style stage statistics/slices of the filled model on the fixture input."""
+    model = filled_model(name, dtype, **overrides)
+    x = fixture_input(dtype) if x is None else x
+    stages = model.forward_stages(x)
+    feats = model.conv_head(model.stage_end_norm(stages[-1]))
+    logits = model.head(model.avg_head(feats))
+    return dict(
+        logits=logits,
+        stage_mean=[s.mean().item() for s in stages],
+        stage_std=[s.std().item() for s in stages],
+        stage_slice=[s[0, :8, :2, :2] for s in stages],
+    )
+
+
+def max_deviation(got: dict, ref: dict) -> dict:
+    """Max |got - ref| for logits and over the four stage slices."""
+    ref_logits = torch.as_tensor(ref["logits"]).to(got["logits"].dtype)
+    stage = max((g - torch.as_tensor(r).to(g.dtype)).abs().max().item()
+                for g, r in zip(got["stage_slice"], ref["stage_slice"]))
+    return dict(logits=(got["logits"] - ref_logits).abs().max().item(), stage=stage)
+
+
+def original_keys(name: str):
+    """[(key, shape tuple)] from original_state_dict_keys/<name>.txt, or None if absent."""
+    path = os.path.join(KEYS_DIR, f"{name}.txt")
+    if not os.path.exists(path):
+        return None
+    rows = []
+    for line in open(path).read().splitlines():
+        key, shape = line.split("\t")[:2]
+        rows.append((key, tuple(int(s) for s in shape.strip("()").split(",") if s.strip())))
+    return rows
