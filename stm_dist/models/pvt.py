@@ -1,2 +1,177 @@
-"""Placeholder until the pvt mixer lands: the registry collects MODELS from every mixer module."""
-MODELS = {}
+"""U-PVT: spatial-reduction attention blocks for the unified backbone (spec §2.2, §3).
+
+`PvtBlock` is the PVT-v1 block the paper's `unified_pvt_*` models use; `PvtV2Block` (depth-wise
+conv inside the MLP, no positional embedding) backs the extra `unified_pvt_v2_*` models.
+
+Parameter names follow the original checkpoints exactly (`pos_embed`, `gamma_1`, `attn.q`,
+`attn.kv`, `attn.sr`, `attn.norm`, `mlp.fc1`, ...) so released weights load without renaming.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+from timm.layers import DropPath, Mlp, trunc_normal_
+
+__all__ = ["SpatialReductionAttention", "PvtBlock", "PvtV2Block", "MODELS"]
+
+
+class SpatialReductionAttention(nn.Module):
+    """Multi-head attention whose keys/values come from a `sr_ratio`-strided conv of the tokens.
+
+    The attention is written out (matmul, softmax, matmul) in the original's operation order so
+    the 224x224 numbers match the original; the reduced key set (49 tokens at 224) keeps the
+    attention matrix small, so a fused kernel would buy little here.
+    """
+
+    def __init__(self, dim, num_heads, qkv_bias=True, sr_ratio=1):
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"SpatialReductionAttention: dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.sr_ratio = sr_ratio
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        if sr_ratio > 1:
+            self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio)
+            self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x, H: int, W: int):
+        B, N, C = x.shape
+        h = self.num_heads
+        q = self.q(x).reshape(B, N, h, C // h).permute(0, 2, 1, 3)
+        if self.sr_ratio > 1:
+            # A strided conv floors at sizes that are not multiples of sr_ratio, which is what we
+            # want: any feature size works, the key set just shrinks accordingly.
+            kv_src = self.sr(x.permute(0, 2, 1).reshape(B, C, H, W)).reshape(B, C, -1).permute(0, 2, 1)
+            kv_src = self.norm(kv_src)
+        else:
+            kv_src = x
+        kv = self.kv(kv_src).reshape(B, -1, 2, h, C // h).permute(2, 0, 3, 1, 4)
+        k, v = kv[0], kv[1]
+        attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
+        x = (attn @ v).transpose(1, 2).reshape(B, N, C)
+        return self.proj(x)
+
+
+def _layer_scale(dim, init_value):
+    # layer_scale_init_value <= 0 means "no layer scale" (the original multiplies by a constant 1).
+    return nn.Parameter(init_value * torch.ones(dim)) if init_value > 0 else None
+
+
+class PvtBlock(nn.Module):
+    """PVT-v1 block, NCHW in and out.
+
+    The first block of every stage owns a learned positional embedding that is added to the
+    residual stream (classification variant of the original). It is stored at the construction
+    resolution and resized bilinearly (align_corners=True, as the original's checkpoint loader
+    does) when the feature map has another size, so any input that is a multiple of 32 runs;
+    at the construction size no resize happens and the numbers are the original's.
+    """
+
+    def __init__(self, dim, drop_path, stage, depth, total_depth, input_resolution, layer_scale_init_value,
+                 num_heads, mlp_ratios, sr_ratios, qkv_bias=True):
+        super().__init__()
+        if depth == 0:
+            self.pos_embed = nn.Parameter(torch.zeros(1, dim, *input_resolution))
+            trunc_normal_(self.pos_embed, std=0.02)
+        else:
+            self.pos_embed = None
+        self.gamma_1 = _layer_scale(dim, layer_scale_init_value)
+        self.gamma_2 = _layer_scale(dim, layer_scale_init_value)
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = SpatialReductionAttention(dim, num_heads[stage], qkv_bias, sr_ratios[stage])
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratios[stage]))
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def _pos_embed_at(self, H: int, W: int):
+        if tuple(self.pos_embed.shape[-2:]) == (H, W):
+            return self.pos_embed
+        return F.interpolate(self.pos_embed, size=(H, W), mode="bilinear", align_corners=True)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        if self.pos_embed is not None:
+            x = x + self._pos_embed_at(H, W)
+        x = x.flatten(2).permute(0, 2, 1).contiguous()
+        y = self.attn(self.norm1(x), H, W)
+        x = x + self.drop_path(y if self.gamma_1 is None else self.gamma_1 * y)
+        y = self.mlp(self.norm2(x))
+        x = x + self.drop_path(y if self.gamma_2 is None else self.gamma_2 * y)
+        return x.reshape(B, H, W, C).permute(0, 3, 1, 2).contiguous()
+
+
+class TokenDepthwiseConv(nn.Module):
+    """3x3 depth-wise conv applied to (B, N, C) tokens through their HxW view."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim)  # key `dwconv.dwconv` as in the original
+
+    def forward(self, x, H: int, W: int):
+        B, N, C = x.shape
+        return self.dwconv(x.transpose(1, 2).reshape(B, C, H, W)).flatten(2).transpose(1, 2)
+
+
+class DepthwiseConvMlp(nn.Module):
+    """PVT-v2 feed-forward: fc1 -> depth-wise conv -> GELU -> fc2."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.dwconv = TokenDepthwiseConv(hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x, H: int, W: int):
+        return self.fc2(self.act(self.dwconv(self.fc1(x), H, W)))
+
+
+class PvtV2Block(nn.Module):
+    """PVT-v2 block, NCHW in and out: SRA + depth-wise-conv MLP, no positional embedding."""
+
+    def __init__(self, dim, drop_path, stage, depth, total_depth, input_resolution, layer_scale_init_value,
+                 num_heads, mlp_ratios, sr_ratios, qkv_bias=True):
+        super().__init__()
+        self.gamma_1 = _layer_scale(dim, layer_scale_init_value)
+        self.gamma_2 = _layer_scale(dim, layer_scale_init_value)
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = SpatialReductionAttention(dim, num_heads[stage], qkv_bias, sr_ratios[stage])
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = DepthwiseConvMlp(dim, int(dim * mlp_ratios[stage]))
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        x = x.flatten(2).permute(0, 2, 1).contiguous()
+        # v2 scales after drop-path (the v1 block scales before); same value, kept for parity.
+        y = self.drop_path(self.attn(self.norm1(x), H, W))
+        x = x + (y if self.gamma_1 is None else self.gamma_1 * y)
+        y = self.drop_path(self.mlp(self.norm2(x), H, W))
+        x = x + (y if self.gamma_2 is None else self.gamma_2 * y)
+        return x.reshape(B, H, W, C).permute(0, 3, 1, 2).contiguous()
+
+
+def _pvt(block, depths, mlp_ratios, drop_path_rate, dims=(64, 128, 320, 512)):
+    return dict(
+        depths=depths,
+        dims=dims,
+        block=block,
+        block_kwargs=dict(num_heads=(1, 2, 5, 8), mlp_ratios=mlp_ratios, sr_ratios=(8, 4, 2, 1), qkv_bias=True),
+        drop_path_rate=drop_path_rate,
+    )
+
+
+_MICRO_DIMS = (32, 64, 160, 256)
+
+MODELS = {
+    "unified_pvt_micro": _pvt(PvtBlock, (2, 2, 3, 2), (8, 8, 4, 4), 0.0, _MICRO_DIMS),
+    "unified_pvt_tiny": _pvt(PvtBlock, (3, 4, 9, 3), (8, 8, 4, 4), 0.1),
+    "unified_pvt_small": _pvt(PvtBlock, (3, 4, 21, 3), (8, 8, 4, 4), 0.3),
+    "unified_pvt_base": _pvt(PvtBlock, (3, 8, 45, 3), (4, 4, 4, 4), 0.5),
+    "unified_pvt_v2_micro": _pvt(PvtV2Block, (2, 2, 3, 2), (8, 8, 4, 4), 0.0, _MICRO_DIMS),
+    "unified_pvt_v2_tiny": _pvt(PvtV2Block, (3, 3, 9, 3), (8, 8, 4, 4), 0.1),
+    "unified_pvt_v2_small": _pvt(PvtV2Block, (3, 3, 21, 3), (8, 8, 4, 4), 0.3),
+    "unified_pvt_v2_base": _pvt(PvtV2Block, (3, 6, 45, 3), (4, 4, 4, 4), 0.5),
+}
