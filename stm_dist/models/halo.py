@@ -1,2 +1,154 @@
-"""Placeholder: filled in shortly."""
-MODELS = {}
+"""U-HaloNet: blocked local self-attention with a halo as the spatial token mixer (spec §2.1).
+
+Queries are grouped in 7x7 blocks; each block attends the 13x13 window around it (halo 3).
+Beyond the original: any input size works. The map is zero-padded (bottom/right) to a multiple
+of the block size and every key position outside the real image (halo padding and block
+padding alike) is masked, so results never depend on padding. At sizes that are multiples of
+the block size this is exactly the original's computation.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .layers import Mlp, drop_path_or_identity, layer_scale
+
+__all__ = ["HaloBlock", "HaloAttention", "QueryRelatedPosEmbed", "MODELS"]
+
+
+class QueryRelatedPosEmbed(nn.Module):
+    """Relative position logits that depend on the query (timm's rel_logits_1d formulation).
+
+    For a query at block position (qy, qx) and a key at window position (ky, kx):
+    q . height_rel[ky - qy + win - 1] + q . width_rel[kx - qx + win - 1].
+    """
+
+    def __init__(self, block_size: int, win_size: int, dim_head: int):
+        super().__init__()
+        self.block_size, self.win_size = block_size, win_size
+        scale = dim_head ** -0.5
+        self.height_rel = nn.Parameter(torch.randn(2 * win_size - 1, dim_head) * scale)
+        self.width_rel = nn.Parameter(torch.randn(2 * win_size - 1, dim_head) * scale)
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        """q (..., bs*bs, d) -> logits (..., bs*bs, win*win)."""
+        bs, win = self.block_size, self.win_size
+        lead = q.shape[:-2]
+        q = q.reshape(*lead, bs, bs, q.shape[-1])
+        # idx[p, k] = k - p + win - 1: which relative embedding a (query p, key k) pair uses.
+        idx = (torch.arange(win, device=q.device)[None, :] - torch.arange(bs, device=q.device)[:, None]
+               + win - 1)
+        rh = q @ self.height_rel.transpose(0, 1)  # (..., qy, qx, 2win-1)
+        rw = q @ self.width_rel.transpose(0, 1)
+        rh = torch.gather(rh, -1, idx[:, None, :].expand(*lead, bs, bs, win))  # (..., qy, qx, ky)
+        rw = torch.gather(rw, -1, idx[None, :, :].expand(*lead, bs, bs, win))  # (..., qy, qx, kx)
+        logits = rh.unsqueeze(-1) + rw.unsqueeze(-2)  # (..., qy, qx, ky, kx)
+        return logits.reshape(*lead, bs * bs, win * win)
+
+
+def halo_key_mask(H: int, W: int, block_size: int, halo_size: int, device=None) -> torch.Tensor:
+    """(nblocks, 1, win*win) bool, True where a window position lies inside the real image."""
+    Hp, Wp = -(-H // block_size) * block_size, -(-W // block_size) * block_size
+    win = block_size + 2 * halo_size
+    valid = torch.zeros(Hp + 2 * halo_size, Wp + 2 * halo_size, device=device)
+    valid[halo_size:halo_size + H, halo_size:halo_size + W] = 1.0
+    valid = valid.unfold(0, win, block_size).unfold(1, win, block_size)  # (nbh, nbw, win, win)
+    return valid.reshape(-1, 1, win * win) > 0.5
+
+
+class HaloAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, block_size: int = 7, halo_size: int = 3):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"HaloAttention: dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.dim_head_qk = self.dim_head_v = dim // num_heads
+        self.scale = self.dim_head_qk ** -0.5
+        self.block_size, self.halo_size = block_size, halo_size
+        self.win_size = block_size + 2 * halo_size
+        # Registration order = original state-dict order (kv before q).
+        self.kv = nn.Conv2d(dim, num_heads * (self.dim_head_qk + self.dim_head_v), 1, bias=False)
+        self.q = nn.Linear(dim, num_heads * self.dim_head_qk, bias=False)
+        self.pos_embed = QueryRelatedPosEmbed(block_size, self.win_size, self.dim_head_qk)
+        self.proj = nn.Linear(num_heads * self.dim_head_v, dim)
+        self._mask_cache = {}
+
+    def _key_mask(self, H, W, device):
+        if torch.compiler.is_compiling():
+            return halo_key_mask(H, W, self.block_size, self.halo_size, device)
+        key = (H, W, str(device))
+        if key not in self._mask_cache:
+            self._mask_cache[key] = halo_key_mask(H, W, self.block_size, self.halo_size, device)
+        return self._mask_cache[key]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # NHWC -> NHWC
+        B, H, W, _ = x.shape
+        bs, hs, win, h = self.block_size, self.halo_size, self.win_size, self.num_heads
+        dqk, dv = self.dim_head_qk, self.dim_head_v
+        Hp, Wp = -(-H // bs) * bs, -(-W // bs) * bs
+        if (Hp, Wp) != (H, W):
+            x = F.pad(x, (0, 0, 0, Wp - W, 0, Hp - H))
+        nbh, nbw = Hp // bs, Wp // bs
+        nb = nbh * nbw
+
+        q = self.q(x).reshape(B, nbh, bs, nbw, bs, h, dqk).permute(0, 5, 1, 3, 2, 4, 6)
+        q = q.reshape(B, h, nb, bs * bs, dqk)
+
+        kv = F.pad(self.kv(x.permute(0, 3, 1, 2)), [hs, hs, hs, hs])
+        kv = kv.unfold(2, win, bs).unfold(3, win, bs)  # (B, h*(dqk+dv), nbh, nbw, win, win)
+        kv = kv.reshape(B, h, dqk + dv, nb, win * win).permute(0, 1, 3, 4, 2)
+        k, v = kv.split([dqk, dv], dim=-1)
+
+        attn = (q * self.scale) @ k.transpose(-1, -2) + self.pos_embed(q)  # (B, h, nb, bs², win²)
+        mask = self._key_mask(H, W, x.device)
+        attn = attn.masked_fill(~mask, -torch.finfo(attn.dtype).max).softmax(dim=-1)
+
+        out = (attn @ v).reshape(B, h, nbh, nbw, bs, bs, dv).permute(0, 2, 4, 3, 5, 1, 6)
+        out = out.reshape(B, Hp, Wp, h * dv)[:, :H, :W, :]
+        return self.proj(out)
+
+
+class HaloBlock(nn.Module):
+    """Pre-norm block in NHWC; the stage hooks switch layout once per stage, not per block."""
+
+    def __init__(self, dim, drop_path=0.0, stage=0, depth=0, total_depth=0, input_resolution=None,
+                 layer_scale_init_value=1e-6, num_heads=(3, 6, 12, 24), block_size=7, halo_size=3,
+                 mlp_ratio=4):
+        super().__init__()
+        self.gamma_1 = layer_scale((1, 1, 1, dim), layer_scale_init_value)
+        self.gamma_2 = layer_scale((1, 1, 1, dim), layer_scale_init_value)
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = HaloAttention(dim, num_heads[stage], block_size, halo_size)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = drop_path_or_identity(drop_path)
+
+    @staticmethod
+    def pre_stage_transform(x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 2, 3, 1).contiguous()
+
+    @staticmethod
+    def post_stage_transform(x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 3, 1, 2).contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.attn(self.norm1(x))
+        if self.gamma_1 is not None:
+            y = self.gamma_1 * y
+        x = x + self.drop_path(y)
+        y = self.mlp(self.norm2(x))
+        if self.gamma_2 is not None:
+            y = self.gamma_2 * y
+        return x + self.drop_path(y)
+
+
+def _cfg(depths, dims, heads, dpr):
+    return dict(block=HaloBlock, depths=depths, dims=dims, drop_path_rate=dpr,
+                block_kwargs=dict(num_heads=heads, block_size=7, halo_size=3))
+
+
+MODELS = {
+    "unified_halo_micro": _cfg((2, 2, 9, 2), (32, 64, 128, 256), (1, 2, 4, 8), 0.0),
+    "unified_halo_tiny": _cfg((2, 2, 6, 2), (96, 192, 384, 768), (3, 6, 12, 24), 0.2),
+    "unified_halo_small": _cfg((2, 2, 18, 2), (96, 192, 384, 768), (3, 6, 12, 24), 0.3),
+    "unified_halo_base": _cfg((2, 2, 18, 2), (128, 256, 512, 1024), (4, 8, 16, 32), 0.5),
+}

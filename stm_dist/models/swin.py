@@ -1,2 +1,170 @@
-"""Placeholder: filled in shortly."""
-MODELS = {}
+"""U-Swin: (shifted) window self-attention as the spatial token mixer (spec §2.3).
+
+Beyond the original: any input size works. The feature map is zero-padded (bottom/right) to a
+multiple of the window, padded keys are masked out, and the shift mask is built for each
+resolution and cached. At the construction resolution the persistent `attn_mask` buffer is used
+as is (it stays in the state dict for key parity), so 224x224 outputs are the original's.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+
+from .layers import LayerNorm2d, Mlp, drop_path_or_identity, layer_scale
+
+__all__ = ["SwinBlock", "WindowAttention", "window_partition", "window_reverse", "shift_window_mask",
+           "MODELS"]
+
+_MASK_VALUE = -100.0  # the original's additive mask value
+
+
+def window_partition(x: torch.Tensor, ws: int) -> torch.Tensor:
+    """(B, H, W, C) -> (B * nW, ws*ws, C); windows in row-major order per image."""
+    B, H, W, C = x.shape
+    x = x.view(B, H // ws, ws, W // ws, ws, C).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, ws * ws, C)
+
+
+def window_reverse(windows: torch.Tensor, ws: int, H: int, W: int) -> torch.Tensor:
+    """Inverse of window_partition: (B * nW, ws*ws, C) -> (B, H, W, C)."""
+    C = windows.shape[-1]
+    x = windows.view(-1, H // ws, W // ws, ws, ws, C).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, H, W, C)
+
+
+def shift_window_mask(H: int, W: int, Hp: int, Wp: int, ws: int, shift: int, device=None):
+    """Additive (nW, ws*ws, ws*ws) mask for a map padded from (H, W) to (Hp, Wp), or None.
+
+    Tokens may only attend tokens of the same label: the 3x3 shift regions of Swin (built in the
+    rolled frame, as the original), and padding gets labels of its own so that no real token
+    attends a padded one.
+    """
+    if shift == 0 and (H, W) == (Hp, Wp):
+        return None
+    label = torch.zeros(Hp, Wp, device=device)
+    if shift > 0:
+        cuts = (slice(0, -ws), slice(-ws, -shift), slice(-shift, None))
+        cnt = 0
+        for hs in cuts:
+            for wsl in cuts:
+                label[hs, wsl] = cnt
+                cnt += 1
+    pad = torch.zeros(Hp, Wp, device=device)
+    pad[H:, :] = 1.0
+    pad[:, W:] = 1.0
+    if shift > 0:
+        pad = torch.roll(pad, (-shift, -shift), (0, 1))
+    label = label + 16.0 * pad
+    win = window_partition(label.view(1, Hp, Wp, 1), ws).squeeze(-1)  # (nW, N)
+    diff = win.unsqueeze(1) - win.unsqueeze(2)
+    return torch.where(diff != 0, torch.full_like(diff, _MASK_VALUE), torch.zeros_like(diff))
+
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention inside a window, with a learned relative position bias."""
+
+    def __init__(self, dim: int, num_heads: int, window_size: int, qkv_bias: bool = True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.window_size = window_size
+        self.relative_position_bias_table = nn.Parameter(
+            torch.zeros((2 * window_size - 1) ** 2, num_heads))
+        coords = torch.stack(torch.meshgrid(torch.arange(window_size), torch.arange(window_size),
+                                            indexing="ij")).flatten(1)  # (2, N)
+        rel = (coords[:, :, None] - coords[:, None, :]) + (window_size - 1)
+        index = rel[0] * (2 * window_size - 1) + rel[1]
+        self.register_buffer("relative_position_index", index, persistent=True)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        trunc_normal_(self.relative_position_bias_table, std=0.02)
+
+    def forward(self, x: torch.Tensor, mask=None) -> torch.Tensor:
+        B_, N, C = x.shape
+        h = self.num_heads
+        q, k, v = self.qkv(x).reshape(B_, N, 3, h, C // h).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        attn = attn + bias.view(N, N, h).permute(2, 0, 1).unsqueeze(0)
+        if mask is not None:
+            nW = mask.shape[0]
+            attn = attn.view(B_ // nW, nW, h, N, N) + mask.to(attn.dtype).unsqueeze(1).unsqueeze(0)
+            attn = attn.view(B_, h, N, N)
+        x = (attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(B_, N, C)
+        return self.proj(x)
+
+
+class SwinBlock(nn.Module):
+    def __init__(self, dim, drop_path=0.0, stage=0, depth=0, total_depth=0, input_resolution=(56, 56),
+                 layer_scale_init_value=1e-6, num_heads=(3, 6, 12, 24), window_size=7, mlp_ratio=4):
+        super().__init__()
+        self.input_resolution = tuple(input_resolution)
+        shift = 0 if depth % 2 == 0 else window_size // 2
+        if min(self.input_resolution) <= window_size:
+            # As the original: a stage no larger than one window neither shifts nor pads.
+            shift, window_size = 0, min(self.input_resolution)
+        self.window_size, self.shift_size = window_size, shift
+
+        self.gamma_1 = layer_scale((dim,), layer_scale_init_value)
+        self.gamma_2 = layer_scale((dim,), layer_scale_init_value)
+        H, W = self.input_resolution
+        if shift > 0:
+            Hp, Wp = -(-H // window_size) * window_size, -(-W // window_size) * window_size
+            self.register_buffer("attn_mask", shift_window_mask(H, W, Hp, Wp, window_size, shift),
+                                 persistent=True)
+        else:
+            self.attn_mask = None
+        self.norm1 = LayerNorm2d(dim)
+        self.attn = WindowAttention(dim, num_heads[stage], window_size)
+        self.norm2 = LayerNorm2d(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = drop_path_or_identity(drop_path)
+        self._mask_cache = {}
+
+    def _mask(self, H, W, Hp, Wp, device):
+        if (H, W) == self.input_resolution and self.attn_mask is not None:
+            return self.attn_mask
+        if torch.compiler.is_compiling():
+            return shift_window_mask(H, W, Hp, Wp, self.window_size, self.shift_size, device)
+        key = (H, W, str(device))
+        if key not in self._mask_cache:
+            self._mask_cache[key] = shift_window_mask(H, W, Hp, Wp, self.window_size, self.shift_size,
+                                                      device)
+        return self._mask_cache[key]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # NCHW -> NCHW
+        B, C, H, W = x.shape
+        ws, s = self.window_size, self.shift_size
+        y = self.norm1(x).permute(0, 2, 3, 1)
+        Hp, Wp = -(-H // ws) * ws, -(-W // ws) * ws
+        if (Hp, Wp) != (H, W):
+            y = F.pad(y, (0, 0, 0, Wp - W, 0, Hp - H))
+        if s > 0:
+            y = torch.roll(y, (-s, -s), (1, 2))
+        y = self.attn(window_partition(y, ws), self._mask(H, W, Hp, Wp, x.device))
+        y = window_reverse(y, ws, Hp, Wp)
+        if s > 0:
+            y = torch.roll(y, (s, s), (1, 2))
+        y = y[:, :H, :W, :]
+        if self.gamma_1 is not None:
+            y = self.gamma_1 * y
+        x = x + self.drop_path(y.permute(0, 3, 1, 2))
+
+        y = self.mlp(self.norm2(x).permute(0, 2, 3, 1))
+        if self.gamma_2 is not None:
+            y = self.gamma_2 * y
+        return x + self.drop_path(y.permute(0, 3, 1, 2))
+
+
+def _cfg(depths, dims, heads, dpr):
+    return dict(block=SwinBlock, depths=depths, dims=dims, drop_path_rate=dpr,
+                block_kwargs=dict(num_heads=heads, window_size=7))
+
+
+MODELS = {
+    "unified_swin_micro": _cfg((2, 2, 9, 2), (32, 64, 128, 256), (1, 2, 4, 8), 0.0),
+    "unified_swin_tiny": _cfg((2, 2, 6, 2), (96, 192, 384, 768), (3, 6, 12, 24), 0.2),
+    "unified_swin_small": _cfg((2, 2, 18, 2), (96, 192, 384, 768), (3, 6, 12, 24), 0.3),
+    "unified_swin_base": _cfg((2, 2, 18, 2), (128, 256, 512, 1024), (4, 8, 16, 32), 0.5),
+}
