@@ -49,7 +49,8 @@ demo: $(VENV)/.pkg
 
 # Regenerate the lock from the current venv (after deliberately changing a version).
 lock:
-	$(PIP) freeze --exclude-editable | grep -v -i -E '^(deepspeed|stm-dist)==' > requirements/lock.txt
+	{ grep '^#' requirements/lock.txt; $(PIP) freeze --exclude-editable | grep -v -i -E '^(deepspeed|stm-dist)=='; } > requirements/lock.tmp
+	mv requirements/lock.tmp requirements/lock.txt
 
 clean-venv:
 	rm -rf $(VENV) build *.egg-info stm_dist/_C*.so
