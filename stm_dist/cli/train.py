@@ -1,0 +1,51 @@
+"""stm-train: train one model with DeepSpeed.
+
+    stm-train --config configs/unified_swin_tiny.yaml [section.key=value ...]
+    deepspeed --num_gpus 8 -m stm_dist.cli.train --config ... run.out_dir=runs/swin_t
+    DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 deepspeed --num_accelerators 2 -m stm_dist.cli.train ...
+    torchrun --nproc_per_node 2 -m stm_dist.cli.train --config ...
+
+Restarting with the same run.out_dir resumes from the newest complete checkpoint there.
+"""
+import argparse
+import sys
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="stm-train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="experiment YAML (configs/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=4e-3 run.out_dir=runs/x")
+    # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment is what we use.
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from stm_dist.engine.config import ConfigError, load
+
+    try:
+        cfg = load(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"stm-train: config error: {e}", file=sys.stderr)
+        return 2
+    from stm_dist.engine.distributed import finish
+    from stm_dist.engine.trainer import Trainer
+
+    try:
+        code = Trainer(cfg).train()
+    except ConfigError as e:
+        print(f"stm-train: config error: {e}", file=sys.stderr)
+        finish(2)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        finish(1)
+    finish(code)
+    return code  # not reached: finish() ends the process
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

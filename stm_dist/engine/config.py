@@ -1,0 +1,294 @@
+"""The experiment schema: typed dataclasses, YAML loading, `key=value` overrides, validation.
+
+One place decides what a valid experiment is. Every error names the offending key (and, for an
+unknown key, the closest known one), so a typo in a 300-epoch recipe fails in the first second.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class ConfigError(ValueError):
+    """A config problem; the message names the key (and file) at fault."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "unified_swin_tiny"
+    num_classes: int = 1000
+    img_size: int = 224
+    # None keeps the drop-path rate hard-coded in the model factory (spec §3).
+    drop_path_rate: Optional[float] = None
+    layer_scale_init_value: float = 1e-6
+    # Optional initial weights (our export, a run checkpoint or an original release file).
+    pretrained: Optional[str] = None
+
+
+@dataclass
+class DataConfig:
+    train_shards: str = ""
+    val_shards: str = ""
+    backend: str = "dali"
+    num_threads: int = 2
+    crop_pct: float = 0.875
+    randaug: bool = True
+    eval_batch: int = 256
+
+
+@dataclass
+class AugmentConfig:
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    switch_prob: float = 0.5
+    smoothing: float = 0.1
+    reprob: float = 0.25
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    warmup_init_lr: float = 1e-6
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    # None = constant weight decay (the original's default).
+    weight_decay_end: Optional[float] = None
+    eps: float = 1e-8
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    clip_grad: float = 5.0
+
+
+@dataclass
+class ScheduleConfig:
+    epochs: int = 300
+    warmup_epochs: int = 20
+    # > 0 overrides warmup_epochs (as in the original).
+    warmup_steps: int = -1
+    # Stop after this many optimizer steps (smoke runs, tests); the schedule still spans `epochs`.
+    max_steps: Optional[int] = None
+
+
+@dataclass
+class TrainConfig:
+    # The recipe fixes the global batch; micro_batch is per rank and per forward pass, and
+    # gradient accumulation = global_batch / (micro_batch * world_size).
+    global_batch: int = 1024
+    micro_batch: int = 128
+    seed: int = 0
+    ema: bool = True
+    ema_decay: float = 0.9999
+    log_every: int = 10
+    eval_every_epochs: int = 1
+
+
+@dataclass
+class DeepSpeedConfig:
+    # A JSON from ds_configs/ (ZeRO stage x precision); batch, accumulation, clipping and the
+    # optimizer are filled from this experiment config so the two never disagree.
+    config: str = "ds_configs/zero1_bf16.json"
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 1000
+    keep_last: int = 3
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/default"
+
+
+@dataclass
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        """Identity of the recipe: everything except where the run lives and when it stops."""
+        d = self.to_dict()
+        d.pop("run")
+        d["schedule"].pop("max_steps")
+        d.pop("checkpoint")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_CHOICES = {
+    ("data", "backend"): ("dali", "pil"),
+}
+# Keys that name files or folders, checked by `check_paths` (not at parse time: a recipe for
+# ImageNet is valid on a laptop without ImageNet; a run is not).
+_PATH_KEYS = (
+    ("data", "train_shards"),
+    ("data", "val_shards"),
+    ("deepspeed", "config"),
+    ("model", "pretrained"),
+)
+
+
+def _suggest(name: str, known, prefix: str = "") -> str:
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    where = f"{prefix}." if prefix else ""
+    return f" (did you mean '{where}{close[0]}'?)" if close else ""
+
+
+def _coerce(value: Any, tp, where: str):
+    """Check `value` against the annotation `tp`; ints are accepted for floats, nothing else."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is list or origin is list:
+        if isinstance(value, (list, tuple)) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+        ):
+            return [float(v) for v in value]
+    name = getattr(tp, "__name__", str(tp))
+    raise ConfigError(f"{where}: expected {name}, got {type(value).__name__} {value!r}")
+
+
+def _fill(section, values: dict, prefix: str, source: str):
+    hints = typing.get_type_hints(type(section))
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: '{prefix}' must be a mapping, got {type(values).__name__}")
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(f"{source}: unknown key '{prefix}.{key}'{_suggest(key, hints, prefix)}")
+        setattr(section, key, _coerce(value, hints[key], f"{source}: '{prefix}.{key}'"))
+
+
+def from_dict(raw: dict, source: str = "<dict>") -> ExperimentConfig:
+    cfg = ExperimentConfig()
+    sections = typing.get_type_hints(ExperimentConfig)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: top level must be a mapping of sections")
+    for name, values in raw.items():
+        if name not in sections:
+            raise ConfigError(f"{source}: unknown section '{name}'{_suggest(name, sections)}")
+        _fill(getattr(cfg, name), values or {}, name, source)
+    validate(cfg, source)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """'optim.lr=4e-3' -> ('optim', 'lr', 0.004); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}': expected section.key=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) != 2:
+        raise ConfigError(f"override '{text}': key must be section.key (e.g. optim.lr=4e-3)")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({e})") from None
+    return parts[0], parts[1], value
+
+
+def load(path: str, overrides: list[str] = ()) -> ExperimentConfig:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    with open(path) as f:
+        try:
+            raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    for text in overrides:
+        section, key, value = parse_override(text)
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raw[section] = {}
+        raw[section][key] = value
+    return from_dict(raw, source=path)
+
+
+def validate(cfg: ExperimentConfig, source: str = "<config>"):
+    def need(cond, key, msg):
+        if not cond:
+            raise ConfigError(f"{source}: '{key}' {msg}")
+
+    for (sec, key), choices in _CHOICES.items():
+        v = getattr(getattr(cfg, sec), key)
+        need(v in choices, f"{sec}.{key}", f"must be one of {list(choices)}, got {v!r}")
+    t, o, s = cfg.train, cfg.optim, cfg.schedule
+    need(t.global_batch > 0, "train.global_batch", "must be > 0")
+    need(t.micro_batch > 0, "train.micro_batch", "must be > 0")
+    need(t.global_batch % t.micro_batch == 0, "train.global_batch",
+         f"({t.global_batch}) must be a multiple of train.micro_batch ({t.micro_batch})")
+    need(0.0 <= t.ema_decay < 1.0, "train.ema_decay", "must be in [0, 1)")
+    need(t.log_every > 0, "train.log_every", "must be > 0")
+    need(o.lr > 0, "optim.lr", "must be > 0")
+    need(len(o.betas) == 2, "optim.betas", "must have two values")
+    need(o.clip_grad >= 0, "optim.clip_grad", "must be >= 0 (0 = off)")
+    need(s.epochs > 0, "schedule.epochs", "must be > 0")
+    need(s.warmup_epochs >= 0, "schedule.warmup_epochs", "must be >= 0")
+    need(s.max_steps is None or s.max_steps > 0, "schedule.max_steps", "must be > 0")
+    need(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+    need(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be >= 0 (0 = epoch ends only)")
+    need(cfg.model.img_size > 0, "model.img_size", "must be > 0")
+
+
+def resolve_path(path: str) -> str:
+    """Relative paths are tried from the working directory first, then from the repository."""
+    if os.path.isabs(path) or os.path.exists(path):
+        return os.path.abspath(path)
+    alt = os.path.join(REPO_ROOT, path)
+    return alt if os.path.exists(alt) else os.path.abspath(path)
+
+
+def check_paths(cfg: ExperimentConfig, need_train: bool = True, need_val: bool = True):
+    """Resolve file/folder keys to absolute paths; a missing one is an error naming the key."""
+    for sec, key in _PATH_KEYS:
+        section = getattr(cfg, sec)
+        value = getattr(section, key)
+        if sec == "data" and ((key == "train_shards" and not need_train) or (key == "val_shards" and not need_val)):
+            continue
+        if value is None or (value == "" and key == "pretrained"):
+            continue
+        if value == "":
+            raise ConfigError(f"'{sec}.{key}' is required but empty")
+        path = resolve_path(value)
+        if not os.path.exists(path):
+            raise ConfigError(f"'{sec}.{key}': no such file or directory: {value}")
+        setattr(section, key, path)
+
+
+def dump(cfg: ExperimentConfig, path: str):
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)

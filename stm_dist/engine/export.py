@@ -1,0 +1,66 @@
+"""Turn a run's checkpoint (any ZeRO stage) into one plain fp32 state dict.
+
+The result has the model's own state-dict keys (the original release's key layout), so
+`create_model(name)` + `load_pretrained(model, path)` reads it like a released checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from . import checkpoint as ckpt
+
+
+def locate(path: str, warn=print) -> tuple[str, str, dict]:
+    """Accept a run dir, its checkpoints/ dir or one checkpoint's folder; return
+    (checkpoints dir, tag, COMPLETE marker) of the newest complete checkpoint there."""
+    path = os.path.abspath(path)
+    if os.path.isfile(os.path.join(path, ckpt.MARKER)) or os.path.basename(path).startswith("step"):
+        marker, reason = ckpt._check(path)
+        if marker is None:
+            raise FileNotFoundError(f"checkpoint {path} is not complete: {reason}")
+        return os.path.dirname(path), os.path.basename(path), marker
+    for cdir in (os.path.join(path, "checkpoints"), path):
+        if os.path.isdir(cdir):
+            found = ckpt.latest_complete(cdir, warn=warn)
+            if found:
+                return cdir, found[0], found[1]
+    raise FileNotFoundError(f"no complete checkpoint under {path} (expected a run directory, its "
+                            f"checkpoints/ folder or a step* checkpoint folder)")
+
+
+def consolidate(ckpt_dir: str, tag: str, marker: dict, ema: bool = False) -> dict:
+    tag_dir = os.path.join(ckpt_dir, tag)
+    if ema:
+        client = ckpt.load_client(tag_dir, 0)
+        if client.get("ema") is None:
+            raise KeyError(f"{tag_dir}: this run kept no EMA weights (train.ema was false)")
+        return {k: v.float() if v.is_floating_point() else v for k, v in client["ema"].items()}
+    stage = int(marker.get("zero_stage", 0))
+    if stage == 0:
+        path = os.path.join(tag_dir, "mp_rank_00_model_states.pt")
+        sd = torch.load(path, map_location="cpu", weights_only=False)["module"]
+        # fp32 runs store the exact weights; bf16/fp16 runs at ZeRO 0 store the 16-bit module.
+        return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    sd = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag)
+    # Buffers come back in the training dtype; parameters are the fp32 master copy.
+    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+
+
+def export(run_path: str, out_path: str, ema: bool = False, warn=print) -> dict:
+    ckpt_dir, tag, marker = locate(run_path, warn=warn)
+    sd = consolidate(ckpt_dir, tag, marker, ema=ema)
+    sd = {k: v.detach().clone().contiguous() for k, v in sd.items()}
+    info = {"model": marker.get("model"), "step": marker.get("step"), "source": os.path.join(ckpt_dir, tag),
+            "ema": ema}
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    tmp = out_path + ".tmp"
+    torch.save(sd, tmp)
+    os.replace(tmp, out_path)
+    with open(out_path + ".json", "w") as f:
+        json.dump(info, f, indent=1)
+    return info

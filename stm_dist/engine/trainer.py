@@ -1,0 +1,326 @@
+"""The training loop: DeepSpeed engine, per-iteration schedules, EMA, evaluation, checkpoints.
+
+Data sharding is by *micro-batch slot*, not by rank: a global batch is `global_batch /
+micro_batch` slots, slot k reads shard k of that many, and rank r runs slots
+r*accum .. r*accum+accum-1 as its accumulation micro-steps. The global batch of every step is
+therefore the same whatever the world size, which is what lets a run saved on 2 processes
+continue on 1 (or 8) with the same data and the same loss.
+"""
+from __future__ import annotations
+
+import os
+import random
+import time
+
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt
+from . import config as config_mod
+from . import ds_setup
+from .distributed import accelerator_name, all_reduce_sum, barrier, init
+from .ema import ModelEMA, gathered, model_state_tensors
+from .evaluate import evaluate
+from .run_log import RunLog
+from .schedule import Schedules, steps_per_epoch
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def soft_target_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return torch.sum(-target * torch.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+
+
+def build_model(cfg, for_eval: bool = False):
+    from stm_dist.models import create_model
+
+    kw = {"num_classes": cfg.model.num_classes, "img_size": cfg.model.img_size,
+          "layer_scale_init_value": cfg.model.layer_scale_init_value}
+    if cfg.model.drop_path_rate is not None and not for_eval:
+        kw["drop_path_rate"] = cfg.model.drop_path_rate
+    return create_model(cfg.model.name, **kw)
+
+
+def _rng_state() -> dict:
+    s = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def _set_rng_state(s: dict):
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def _seed_all(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.rank, self.world, self.device = init()
+        self.accel = accelerator_name()
+        config_mod.check_paths(cfg)
+        self.run_dir = os.path.abspath(cfg.run.out_dir)
+        self.ckpt_dir = os.path.join(self.run_dir, "checkpoints")
+        if self.rank == 0:
+            os.makedirs(self.ckpt_dir, exist_ok=True)
+            config_mod.dump(cfg, os.path.join(self.run_dir, "config.yaml"))
+        barrier()
+        self.log = RunLog(self.run_dir, self.rank)
+
+        from stm_dist.data import build_train_loader, read_manifest
+
+        t = cfg.train
+        self.accum = ds_setup.grad_accum_steps(t.global_batch, t.micro_batch, self.world)
+        manifest = read_manifest(cfg.data.train_shards, "train")
+        self.num_train = int(manifest["num_samples"])
+        self.iters_per_epoch = steps_per_epoch(self.num_train, t.global_batch)
+        if self.iters_per_epoch == 0:
+            raise config_mod.ConfigError(
+                f"'train.global_batch' ({t.global_batch}) is larger than the training set "
+                f"({self.num_train} samples in {cfg.data.train_shards})")
+        self.sched = Schedules(cfg.optim, cfg.schedule, self.iters_per_epoch)
+        self.total_steps = self.sched.total_steps
+        if cfg.schedule.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.schedule.max_steps)
+
+        self.num_slots = t.global_batch // t.micro_batch
+        self.my_slots = [self.rank * self.accum + j for j in range(self.accum)]
+        dev = "gpu" if self.accel == "cuda" else "cpu"
+        self.loaders = [
+            build_train_loader(cfg.data.train_shards, t.micro_batch, rank=slot, world_size=self.num_slots,
+                               seed=t.seed, img_size=cfg.model.img_size, device=dev,
+                               num_threads=cfg.data.num_threads, randaug=cfg.data.randaug,
+                               backend=cfg.data.backend)
+            for slot in self.my_slots
+        ]
+
+        _seed_all(t.seed)  # identical initial weights on every rank
+        model = build_model(cfg)
+        if cfg.model.pretrained:
+            from stm_dist.models.pretrained import load_pretrained
+
+            load_pretrained(model, cfg.model.pretrained)
+        from stm_dist.models.param_groups import param_groups
+
+        groups = param_groups(model, weight_decay=cfg.optim.weight_decay)
+
+        self.resume = ckpt.latest_complete(self.ckpt_dir, warn=self.log.info)
+        load_dir, universal = self.ckpt_dir, False
+        if self.resume and int(self.resume[1]["world_size"]) != self.world:
+            universal = True
+            load_dir = os.path.join(self.run_dir, "checkpoints_universal")
+            if self.rank == 0:
+                ckpt.to_universal(self.ckpt_dir, self.resume[0], load_dir,
+                                  int(self.resume[1]["zero_stage"]), log=self.log.info)
+            barrier()
+        ds_cfg = ds_setup.build(cfg, self.world, self.accel, load_universal=universal)
+        self.zero_stage = ds_setup.zero_stage(ds_cfg)
+        self.precision = ds_setup.precision(ds_cfg)
+        import deepspeed
+
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=groups,
+                                                                 config=ds_cfg)
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.precision]
+        self.ema = None
+        if t.ema:
+            with gathered(self.engine.module, self.zero_stage):
+                self.ema = ModelEMA(model_state_tensors(self.engine.module), t.ema_decay)
+
+        from stm_dist.data import BatchAugment
+
+        a = cfg.augment
+        self.batch_aug = BatchAugment(mixup=a.mixup, cutmix=a.cutmix, switch_prob=a.switch_prob,
+                                      smoothing=a.smoothing, reprob=a.reprob,
+                                      num_classes=cfg.model.num_classes)
+        self.step = 0
+        self.epoch = 0
+        self.step_in_epoch = 0
+        if self.resume:
+            self._load(load_dir, universal)
+        else:
+            _seed_all(t.seed + self.rank)
+        self.log.info(f"model {cfg.model.name}, {self.world} process(es), ZeRO {self.zero_stage}, "
+                      f"{self.precision}, global batch {t.global_batch} = {t.micro_batch} x {self.world} "
+                      f"x accumulation {self.accum}, {self.iters_per_epoch} steps/epoch, "
+                      f"{self.total_steps} steps to run, run dir {self.run_dir}")
+
+    # ---------------------------------------------------------------- checkpoints
+    def _client_state(self) -> dict:
+        return {
+            "step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+            "loaders": {slot: ld.state_dict() for slot, ld in zip(self.my_slots, self.loaders)},
+            "rng": _rng_state(),
+            "ema": self.ema.state_dict() if (self.ema is not None and self.rank == 0) else None,
+            "config_hash": self.cfg.hash(), "config": self.cfg.to_dict(),
+        }
+
+    def save(self) -> str:
+        meta = {"world_size": self.world, "zero_stage": self.zero_stage, "precision": self.precision,
+                "model": self.cfg.model.name, "epoch": self.epoch, "config_hash": self.cfg.hash()}
+        tag = ckpt.save(self.engine, self.ckpt_dir, self.step, self._client_state(), meta,
+                        self.cfg.checkpoint.keep_last, self.rank)
+        self.log.info(f"saved checkpoint {tag} (epoch {self.epoch}, step {self.step})")
+        return tag
+
+    def _load(self, load_dir: str, universal: bool):
+        tag, marker = self.resume
+        tag_dir = os.path.join(self.ckpt_dir, tag)
+        if marker.get("config_hash") != self.cfg.hash():
+            self.log.info(f"warning: resuming {tag} saved with a different recipe "
+                          f"(config hash {marker.get('config_hash')} != {self.cfg.hash()})")
+        path, _ = self.engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {os.path.join(load_dir, tag)}")
+        saved_world = int(marker["world_size"])
+        clients = ckpt.load_all_clients(tag_dir, saved_world)
+        mine = clients[self.rank] if self.rank < saved_world else clients[0]
+        self.step, self.epoch, self.step_in_epoch = mine["step"], mine["epoch"], mine["step_in_epoch"]
+        slot_states = {}
+        for c in clients:
+            slot_states.update(c["loaders"])
+        for slot, ld in zip(self.my_slots, self.loaders):
+            if slot not in slot_states:
+                raise RuntimeError(f"checkpoint {tag_dir} has no data-iterator state for slot {slot} "
+                                   f"(train.global_batch / train.micro_batch changed since it was saved?)")
+            ld.set_epoch(self.epoch)
+            ld.load_state_dict(slot_states[slot])
+        if self.ema is not None:
+            if clients[0].get("ema") is None:
+                self.log.info("checkpoint has no EMA state; EMA restarts from the loaded weights")
+                with gathered(self.engine.module, self.zero_stage):
+                    self.ema = ModelEMA(model_state_tensors(self.engine.module), self.cfg.train.ema_decay)
+            else:
+                self.ema.load_state_dict(clients[0]["ema"])
+        if saved_world == self.world:
+            _set_rng_state(mine["rng"])
+        else:
+            _seed_all(self.cfg.train.seed + self.rank + 1000003 * self.step)
+        self.log.info(f"resumed from {tag_dir} at epoch {self.epoch}, step {self.step}"
+                      + (f" (saved by {saved_world} processes, loaded via universal checkpoint)" if universal else ""))
+
+    # ---------------------------------------------------------------- evaluation
+    def _eval_copy(self, state: dict | None = None):
+        model = build_model(self.cfg, for_eval=True).to(self.device)
+        if state is None:
+            with gathered(self.engine.module, self.zero_stage):
+                state = {k: v.detach().clone() for k, v in self.engine.module.state_dict().items()}
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+        return model
+
+    def evaluate(self) -> dict:
+        from stm_dist.data import build_val_loader, read_manifest
+
+        cfg = self.cfg
+        expected = int(read_manifest(cfg.data.val_shards, "val")["num_samples"])
+        results = {"kind": "eval", "step": self.step, "epoch": self.epoch}
+        models = [("", self._eval_copy())]
+        if self.ema is not None:
+            models.append(("_ema", self._eval_copy(self.ema.state_dict())))
+        for suffix, model in models:
+            loader = build_val_loader(cfg.data.val_shards, cfg.data.eval_batch, rank=self.rank,
+                                      world_size=self.world, img_size=cfg.model.img_size,
+                                      crop_pct=cfg.data.crop_pct,
+                                      device="gpu" if self.accel == "cuda" else "cpu",
+                                      num_threads=cfg.data.num_threads, backend=cfg.data.backend)
+            r = evaluate(model, loader, self.device, expected_samples=expected)
+            results.update({f"top1{suffix}": r["top1"], f"top5{suffix}": r["top5"], f"loss{suffix}": r["loss"]})
+        self.log.eval(results)
+        return results
+
+    # ---------------------------------------------------------------- the loop
+    def _micro_step(self, it, j: int) -> float:
+        images, labels = next(it)
+        images, targets = self.batch_aug(images, labels)
+        images = images.to(self.device, self.dtype, non_blocking=True)
+        targets = targets.to(self.device, non_blocking=True)
+        logits = self.engine(images)
+        loss = soft_target_cross_entropy(logits, targets)
+        value = loss.item()
+        # All ranks must agree before anyone calls the optimizer with a NaN gradient.
+        bad = all_reduce_sum([0.0 if np.isfinite(value) else 1.0])[0]
+        if bad:
+            raise NonFiniteLoss(f"non-finite loss ({value}) at step {self.step + 1} "
+                                f"(epoch {self.epoch}, micro-batch {j}, rank {self.rank})")
+        self.engine.backward(loss)
+        self.engine.step()
+        return value
+
+    def _one_step(self, iters) -> dict:
+        t0 = time.perf_counter()
+        lr = self.sched.apply(self.optimizer.param_groups, self.step)
+        losses = [self._micro_step(iters[j], j) for j in range(self.accum)]
+        self.step += 1
+        self.step_in_epoch += 1
+        if self.ema is not None:
+            with gathered(self.engine.module, self.zero_stage):
+                self.ema.update(model_state_tensors(self.engine.module))
+        loss_sum, n = all_reduce_sum([sum(losses), float(len(losses))])
+        gn = self.engine.get_global_grad_norm()
+        dt = time.perf_counter() - t0
+        rec = {"kind": "train", "step": self.step, "epoch": self.epoch, "loss": loss_sum / n, "lr": lr,
+               "weight_decay": float(self.sched.wd[self.step - 1]),
+               "grad_norm": float(gn) if gn is not None else None,
+               "img_s": self.cfg.train.global_batch / dt}
+        if torch.cuda.is_available():
+            rec["mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        return rec
+
+    def train(self) -> int:
+        cfg, every = self.cfg, self.cfg.checkpoint.every_steps
+        self.log.start_progress(self.total_steps, self.step)
+        self.engine.train()
+        t_start, first_step, last_saved = time.time(), self.step, -1
+        try:
+            while self.step < self.total_steps:
+                if self.step_in_epoch == 0:
+                    for ld in self.loaders:
+                        ld.set_epoch(self.epoch)
+                iters = [iter(ld) for ld in self.loaders]
+                while self.step_in_epoch < self.iters_per_epoch and self.step < self.total_steps:
+                    rec = self._one_step(iters)
+                    self.log.step(rec)
+                    if self.step % cfg.train.log_every == 0 or self.step == 1:
+                        eta = (time.time() - t_start) / max(1, self.step - first_step) * (
+                            self.total_steps - self.step)
+                        self.log.info(f"epoch {self.epoch} step {self.step}/{self.total_steps} "
+                                      f"loss {rec['loss']:.4f} lr {rec['lr']:.3e} {rec['img_s']:.0f} img/s "
+                                      f"ETA {eta / 60:.1f} min")
+                    if every and self.step % every == 0 and self.step < self.total_steps:
+                        self.save()
+                        last_saved = self.step
+                if self.step_in_epoch >= self.iters_per_epoch:
+                    epoch_done = self.epoch
+                    self.epoch += 1
+                    self.step_in_epoch = 0
+                    if last_saved != self.step:
+                        self.save()
+                        last_saved = self.step
+                    if cfg.data.val_shards and (epoch_done + 1) % cfg.train.eval_every_epochs == 0:
+                        self.evaluate()
+            if last_saved != self.step:
+                self.save()
+        except NonFiniteLoss as e:
+            if last_saved == self.step:
+                self.log.info(f"stopping: {e}; the weights before that step are in checkpoint "
+                              f"{ckpt.tag_for(self.step)}")
+            else:
+                self.log.info(f"stopping: {e}; saving the weights before that step")
+                self.save()
+            self.log.close()
+            return 2
+        self.log.info(f"finished: {self.step} steps in {(time.time() - t_start) / 60:.1f} min")
+        self.log.close()
+        return 0
+

@@ -1,0 +1,89 @@
+"""The experiment schema: every shipped config loads; bad keys, types and files are named."""
+import glob
+import json
+import os
+
+import pytest
+
+from stm_dist.engine import ds_setup
+from stm_dist.engine.config import REPO_ROOT, ConfigError, check_paths, load
+
+CONFIGS = sorted(glob.glob(os.path.join(REPO_ROOT, "configs", "*.yaml")))
+SWIN = os.path.join(REPO_ROOT, "configs", "unified_swin_tiny.yaml")
+
+
+def test_all_twenty_model_configs_follow_the_recipe():
+    names = [os.path.basename(p)[:-5] for p in CONFIGS if os.path.basename(p).startswith("unified_")]
+    assert len(names) == 20
+    from stm_dist.models import list_models
+
+    registered = set(list_models("unified_*"))
+    for p in CONFIGS:
+        cfg = load(p)
+        if not cfg.model.name.startswith("unified_"):
+            continue
+        assert cfg.model.name in registered, p
+        cnn = "convnext" in cfg.model.name
+        assert (cfg.train.global_batch, cfg.optim.lr) == ((4096, 4e-3) if cnn else (1024, 1e-3)), p
+        assert (cfg.optim.warmup_init_lr, cfg.optim.min_lr) == ((0.0, 1e-6) if cnn else (1e-6, 1e-5)), p
+        assert (cfg.schedule.epochs, cfg.schedule.warmup_epochs) == (300, 20)
+        assert (cfg.optim.weight_decay, cfg.optim.clip_grad, cfg.train.ema_decay) == (0.05, 5.0, 0.9999)
+        assert (cfg.augment.mixup, cfg.augment.cutmix, cfg.augment.smoothing, cfg.augment.reprob) == (0.8, 1.0, 0.1, 0.25)
+
+
+@pytest.mark.parametrize("override, named", [
+    ("optim.lrr=1e-3", "'optim.lrr' (did you mean 'optim.lr'?)"),
+    ("trian.seed=1", "'trian' (did you mean 'train'?)"),
+    ("optim.lr=fast", "'optim.lr': expected float, got str"),
+    ("train.micro_batch=1.5", "'train.micro_batch': expected int, got float"),
+    ("train.ema=3", "'train.ema': expected bool, got int"),
+    ("data.backend=opencv", "'data.backend' must be one of"),
+    ("train.micro_batch=100", "'train.global_batch' (1024) must be a multiple of train.micro_batch (100)"),
+])
+def test_bad_override_names_the_key(override, named):
+    with pytest.raises(ConfigError) as e:
+        load(SWIN, [override])
+    assert named in str(e.value)
+
+
+def test_bad_yaml_file_names_file_and_key(tmp_path):
+    p = tmp_path / "x.yaml"
+    p.write_text("model:\n  name: unified_swin_tiny\n  drop_path: 0.1\n")
+    with pytest.raises(ConfigError) as e:
+        load(str(p))
+    assert str(p) in str(e.value) and "'model.drop_path'" in str(e.value) and "model.drop_path_rate" in str(e.value)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load(str(tmp_path / "missing.yaml"))
+
+
+def test_missing_files_are_named(tmp_path):
+    cfg = load(SWIN, [f"data.train_shards={tmp_path}", f"data.val_shards={tmp_path}/nope"])
+    with pytest.raises(ConfigError, match=r"'data.val_shards': no such file or directory"):
+        check_paths(cfg)
+    cfg = load(SWIN, [f"data.train_shards={tmp_path}", f"data.val_shards={tmp_path}",
+                      "deepspeed.config=ds_configs/zero9_fp32.json"])
+    with pytest.raises(ConfigError, match=r"'deepspeed.config': no such file or directory: ds_configs/zero9"):
+        check_paths(cfg)
+
+
+def test_deepspeed_config_is_filled_from_the_experiment():
+    cfg = load(SWIN, ["train.micro_batch=64", "deepspeed.config=ds_configs/zero3_bf16.json"])
+    check_paths(cfg, need_train=False, need_val=False)
+    ds = ds_setup.build(cfg, world_size=4, accelerator="cpu")
+    assert ds["train_batch_size"] == 1024 and ds["train_micro_batch_size_per_gpu"] == 64
+    assert ds["gradient_accumulation_steps"] == 4 and ds["gradient_clipping"] == 5.0
+    assert ds["optimizer"]["params"]["torch_adam"] is True and ds["optimizer"]["params"]["lr"] == 1e-3
+    assert ds["zero_optimization"]["stage"] == 3 and ds["data_types"]["buffer_dtype"] == "bf16"
+    assert not any(k.startswith("_") for k in ds)
+    with pytest.raises(ConfigError, match="train.global_batch"):
+        ds_setup.build(cfg, world_size=3, accelerator="cpu")
+
+
+def test_every_ds_config_is_valid_json_for_its_stage_and_precision():
+    files = sorted(glob.glob(os.path.join(REPO_ROOT, "ds_configs", "zero*_*.json")))
+    assert len(files) == 12
+    for f in files:
+        stage, prec = os.path.basename(f)[4:-5].split("_")
+        raw = json.load(open(f))
+        assert raw["zero_optimization"]["stage"] == int(stage)
+        assert ds_setup.precision(raw) == prec
