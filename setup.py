@@ -110,6 +110,7 @@ setup(
     entry_points={
         "console_scripts": [
             "stm-env=stm_dist.cli.env:main",
+            "stm-shards=data_tools.cli:main",
         ]
     },
 )

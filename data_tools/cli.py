@@ -1,0 +1,78 @@
+"""stm-shards: create, verify and demo-source commands."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _create(a) -> int:
+    from data_tools.imagenet_src import SourceError
+    from data_tools.writer import CreateError, create_shards
+
+    try:
+        man = create_shards(a.src, a.split, a.out, samples_per_shard=a.samples_per_shard, workers=a.workers,
+                            seed=a.seed, strict=a.strict, progress=not a.no_progress)
+    except (CreateError, SourceError) as e:
+        print(f"stm-shards create: error: {e}", file=sys.stderr)
+        return 2
+    c = man["counts"]
+    print(f"{a.split}: {c['samples']} samples in {len(man['shards'])} shards, {man['num_classes']} classes, "
+          f"{c['skipped']} skipped, {c['reencoded']} re-encoded -> {os.path.join(a.out, a.split + '.json')}")
+    for s in man["skipped"][:20]:
+        print(f"  skipped {s['path']}: {s['reason']}")
+    if len(man["skipped"]) > 20:
+        print(f"  ... {len(man['skipped']) - 20} more in the manifest")
+    return 0
+
+
+def _verify(a) -> int:
+    from data_tools.verify import verify_dir
+
+    bad = verify_dir(a.dir, full=a.full, log=(lambda *_: None) if a.quiet else print)
+    for name, problem in bad:
+        print(f"BAD {name}: {problem}", file=sys.stderr)
+    print("verify: " + ("OK" if not bad else f"{len(bad)} problem(s) in {len({n for n, _ in bad})} file(s)"))
+    return 1 if bad else 0
+
+
+def _demo(a) -> int:
+    from data_tools.demo_data import write_demo_source
+
+    counts = write_demo_source(a.out, size=a.size)
+    print(f"wrote the digits demo source to {a.out}: {counts}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="stm-shards", description="Webdataset shards for DALI, validated at write time")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("create", help="shard a source split (resumes an interrupted run)")
+    c.add_argument("--src", required=True, help="ROOT with meta/{split}.txt or {split}/{class}/ folders")
+    c.add_argument("--split", required=True)
+    c.add_argument("--out", required=True)
+    c.add_argument("--samples-per-shard", type=int, default=1000)
+    c.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--strict", action="store_true", help="fail on the first unusable input instead of skipping it")
+    c.add_argument("--no-progress", action="store_true")
+    c.set_defaults(func=_create)
+    v = sub.add_parser("verify", help="check shards against their manifest; non-zero exit names bad shards")
+    v.add_argument("dir")
+    v.add_argument("--full", action="store_true", help="decode every sample, not a subset")
+    v.add_argument("--quiet", action="store_true")
+    v.set_defaults(func=_verify)
+    d = sub.add_parser("demo-source", help="write the scikit-learn digits as a small ImageNet-layout data set")
+    d.add_argument("--out", required=True)
+    d.add_argument("--size", type=int, default=32, help="side length the 8x8 digits are upscaled to")
+    d.set_defaults(func=_demo)
+    return p
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    return a.func(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

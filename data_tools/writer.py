@@ -1,0 +1,262 @@
+"""Pack a source data set into shuffled, validated, atomically written webdataset shards.
+
+Layout of ``OUT`` for split ``S``::
+
+    S-000000.tar  S-000000.idx  ...   the shards and their DALI index files
+    S.json                            the manifest, written last (its presence = split complete)
+    .S.progress/plan.json             while running: settings a resumed run must agree with
+    .S.progress/000000.json           while running: one record per finished shard (the commit)
+
+Samples are assigned to shards by a seeded permutation before any decoding, so a shard's content
+depends only on (source, seed, samples per shard) - not on --workers, not on interruptions. A
+skipped input leaves its shard one sample short instead of shifting every later shard.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import re
+import shutil
+import sys
+import time
+
+import numpy as np
+
+from data_tools import TOOL_VERSION
+from data_tools.image_check import BadImage, check_image
+from data_tools.imagenet_src import Record, Source, read_source
+from data_tools.tar_index import ShardWriter
+
+MANIFEST_FORMAT = "stm-shards/1"
+# Test hook: exit abruptly (like a kill) halfway through the shard after N finished ones.
+FAIL_ENV = "STM_SHARDS_FAIL_AFTER_SHARDS"
+
+
+class CreateError(RuntimeError):
+    """A fatal problem with the run; the message names the file or setting at fault."""
+
+
+def shard_name(split: str, i: int) -> str:
+    return f"{split}-{i:06d}"
+
+
+def sample_key(position: int, rel: str) -> str:
+    # The position keeps keys unique and sortable; the source stem helps a human trace a sample.
+    stem = os.path.basename(rel).split(".", 1)[0]
+    stem = re.sub(r"[^A-Za-z0-9_-]", "_", stem)[:40]
+    return f"{position:08d}_{stem}" if stem else f"{position:08d}"
+
+
+def _process(path: str):
+    """Worker: read and validate one file. Returns ("ok", bytes, conversion) or ("skip", reason)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return ("skip", "missing file")
+    except OSError as e:
+        return ("skip", f"unreadable: {e.strerror or e}")
+    try:
+        jpeg, conversion, _ = check_image(data)
+    except BadImage as e:
+        return ("skip", str(e))
+    return ("ok", jpeg, conversion)
+
+
+def _write_atomic(path: str, data: bytes):
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_json_atomic(path: str, obj):
+    _write_atomic(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+
+def _plan(src: Source, seed: int, samples_per_shard: int) -> dict:
+    return {
+        "tool_version": TOOL_VERSION,
+        "split": src.split,
+        "source_root": src.root,
+        "layout": src.layout,
+        "seed": seed,
+        "samples_per_shard": samples_per_shard,
+        "num_records": len(src.records),
+        "records_sha256": src.fingerprint(),
+    }
+
+
+def _check_same_plan(path: str, want: dict, what: str):
+    with open(path) as f:
+        have = json.load(f)
+    have = have.get("plan", have)
+    for k, v in want.items():
+        if have.get(k) != v:
+            raise CreateError(
+                f"{path}: {what} was made with {k}={have.get(k)!r}, this run has {k}={v!r}; "
+                f"use the same settings or another --out"
+            )
+
+
+def create_shards(
+    src_root: str,
+    split: str,
+    out: str,
+    *,
+    samples_per_shard: int = 1000,
+    workers: int = 1,
+    seed: int = 0,
+    strict: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Write (or finish writing) the shards of ``split``; return the manifest."""
+    if samples_per_shard < 1:
+        raise CreateError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
+    if workers < 1:
+        raise CreateError(f"--workers must be >= 1, got {workers}")
+    src = read_source(src_root, split)
+    os.makedirs(out, exist_ok=True)
+    plan = _plan(src, seed, samples_per_shard)
+    manifest_path = os.path.join(out, f"{split}.json")
+    if os.path.exists(manifest_path):
+        _check_same_plan(manifest_path, plan, "the finished split")
+        with open(manifest_path) as f:
+            return json.load(f)
+
+    prog = os.path.join(out, f".{split}.progress")
+    os.makedirs(prog, exist_ok=True)
+    plan_path = os.path.join(prog, "plan.json")
+    if os.path.exists(plan_path):
+        _check_same_plan(plan_path, plan, "the interrupted run")
+    else:
+        _write_json_atomic(plan_path, plan)
+
+    n = len(src.records)
+    order = np.random.default_rng(seed).permutation(n)
+    num_shards = (n + samples_per_shard - 1) // samples_per_shard
+    done: dict[int, dict] = {}
+    for i in range(num_shards):
+        rec_path = os.path.join(prog, f"{i:06d}.json")
+        if not os.path.exists(rec_path):
+            continue
+        with open(rec_path) as f:
+            rec = json.load(f)
+        tar = os.path.join(out, f"{shard_name(split, i)}.tar")
+        # A record is only written after its tar and index are in place, so a mismatch means
+        # someone touched the files since: redo that shard.
+        if rec["samples"] == 0 or (os.path.exists(tar) and os.path.getsize(tar) == rec["bytes"]):
+            done[i] = rec
+    todo = [i for i in range(num_shards) if i not in done]
+
+    fail_after = int(os.environ.get(FAIL_ENV, "-1"))
+    finished_now = 0
+    jobs = [(i, int(pos)) for i in todo for pos in range(i * samples_per_shard, min(n, (i + 1) * samples_per_shard))]
+    paths = [src.path_of(src.records[order[pos]]) for _, pos in jobs]
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=n, initial=n - len(jobs), unit="img", desc=f"{split} shards", disable=not progress, smoothing=0.1)
+    pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
+    try:
+        results = pool.imap(_process, paths, chunksize=16) if pool else map(_process, paths)
+        j = 0
+        for i in todo:
+            count = min(n, (i + 1) * samples_per_shard) - i * samples_per_shard
+            name = shard_name(split, i)
+            tar_path = os.path.join(out, f"{name}.tar")
+            tmp_tar = os.path.join(out, f".{name}.tar.tmp")
+            rec = {"index": i, "name": f"{name}.tar", "samples": 0, "bytes": 0, "sha256": None,
+                   "skipped": [], "reencoded": {}, "class_counts": {}}
+            with open(tmp_tar, "wb") as f:
+                w = ShardWriter(f)
+                for k in range(count):
+                    _, pos = jobs[j]
+                    record: Record = src.records[order[pos]]
+                    res = next(results)
+                    j += 1
+                    bar.update(1)
+                    if fail_after >= 0 and finished_now == fail_after and k == count // 2:
+                        f.flush()
+                        os._exit(75)
+                    if res[0] == "skip":
+                        if strict:
+                            raise CreateError(f"{src.path_of(record)}: {res[1]} (--strict)")
+                        rec["skipped"].append({"path": record.rel, "reason": res[1]})
+                        continue
+                    _, data, conversion = res
+                    if conversion:
+                        rec["reencoded"][conversion] = rec["reencoded"].get(conversion, 0) + 1
+                    lab = str(record.label)
+                    rec["class_counts"][lab] = rec["class_counts"].get(lab, 0) + 1
+                    w.add_sample(sample_key(pos, record.rel), [("cls", lab.encode()), ("jpg", data)])
+                rec["samples"] = len(w.samples)
+                if w.samples:
+                    w.finish()
+                    f.flush()
+                    os.fsync(f.fileno())
+            if rec["samples"]:
+                with open(tmp_tar, "rb") as f:
+                    rec["sha256"] = hashlib.file_digest(f, "sha256").hexdigest()
+                rec["bytes"] = os.path.getsize(tmp_tar)
+                _write_atomic(os.path.join(out, f"{name}.idx"), w.index_text().encode())
+                os.replace(tmp_tar, tar_path)
+            else:  # every input of this slice was bad: no file at all beats an empty tar
+                os.remove(tmp_tar)
+            _write_json_atomic(os.path.join(prog, f"{i:06d}.json"), rec)
+            done[i] = rec
+            finished_now += 1
+    finally:
+        bar.close()
+        if pool:
+            pool.terminate()
+            pool.join()
+
+    manifest = _assemble_manifest(src, plan, [done[i] for i in range(num_shards)])
+    _write_json_atomic(manifest_path, manifest)
+    shutil.rmtree(prog, ignore_errors=True)
+    return manifest
+
+
+def _assemble_manifest(src: Source, plan: dict, recs: list[dict]) -> dict:
+    reencoded: dict[str, int] = {}
+    class_counts = [0] * len(src.classes)
+    skipped = []
+    for r in recs:
+        for k, v in r["reencoded"].items():
+            reencoded[k] = reencoded.get(k, 0) + v
+        for k, v in r["class_counts"].items():
+            class_counts[int(k)] += v
+        skipped.extend(r["skipped"])
+    return {
+        "format": MANIFEST_FORMAT,
+        "plan": plan,
+        "split": src.split,
+        "seed": plan["seed"],
+        "tool_version": TOOL_VERSION,
+        "source": {"root": src.root, "layout": src.layout, "num_records": len(src.records)},
+        "num_samples": sum(r["samples"] for r in recs),
+        "num_classes": len(src.classes),
+        "classes": src.classes,
+        "class_counts": class_counts,
+        "counts": {
+            "records": len(src.records),
+            "samples": sum(r["samples"] for r in recs),
+            "skipped": len(skipped),
+            "reencoded": sum(reencoded.values()),
+            "reencoded_by_kind": dict(sorted(reencoded.items())),
+        },
+        "skipped": skipped,
+        "shards": [
+            {"name": r["name"], "index_file": r["name"][:-4] + ".idx", "samples": r["samples"],
+             "bytes": r["bytes"], "sha256": r["sha256"]}
+            for r in recs
+            if r["samples"]
+        ],
+        "created_unix": int(time.time()),
+        "python": sys.version.split()[0],
+    }
