@@ -18,6 +18,7 @@ import torch
 from . import checkpoint as ckpt
 from . import config as config_mod
 from . import ds_setup
+from . import preemption
 from .distributed import accelerator_name, all_reduce_sum, barrier, init
 from .ema import ModelEMA, gathered, model_state_tensors
 from .evaluate import evaluate
@@ -67,6 +68,7 @@ def _seed_all(seed: int):
 class Trainer:
     def __init__(self, cfg):
         self.cfg = cfg
+        preemption.install()  # before the slow setup: a USR1 there must not kill the rank
         self.rank, self.world, self.device = init()
         self.accel = accelerator_name()
         config_mod.check_paths(cfg)
@@ -300,6 +302,14 @@ class Trainer:
                     if every and self.step % every == 0 and self.step < self.total_steps:
                         self.save()
                         last_saved = self.step
+                    if self.step < self.total_steps and preemption.agreed():
+                        if last_saved != self.step:
+                            self.save()
+                        self.log.info(f"stopping after step {self.step}: {preemption.received() or 'another rank'}"
+                                      f" received; checkpoint {ckpt.tag_for(self.step)} holds the run, exit "
+                                      f"{preemption.EXIT_PREEMPTED} (restart with the same run dir to resume)")
+                        self.log.close()
+                        return preemption.EXIT_PREEMPTED
                 if self.step_in_epoch >= self.iters_per_epoch:
                     epoch_done = self.epoch
                     self.epoch += 1
