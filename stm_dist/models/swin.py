@@ -122,27 +122,30 @@ class SwinBlock(nn.Module):
         self.drop_path = drop_path_or_identity(drop_path)
         self._mask_cache = {}
 
-    def _mask(self, H, W, Hp, Wp, device):
+    def _mask(self, H, W, Hp, Wp, shift, device):
         if (H, W) == self.input_resolution and self.attn_mask is not None:
             return self.attn_mask
         if torch.compiler.is_compiling():
-            return shift_window_mask(H, W, Hp, Wp, self.window_size, self.shift_size, device)
-        key = (H, W, str(device))
+            return shift_window_mask(H, W, Hp, Wp, self.window_size, shift, device)
+        key = (H, W, shift, str(device))
         if key not in self._mask_cache:
-            self._mask_cache[key] = shift_window_mask(H, W, Hp, Wp, self.window_size, self.shift_size,
-                                                      device)
+            self._mask_cache[key] = shift_window_mask(H, W, Hp, Wp, self.window_size, shift, device)
         return self._mask_cache[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # NCHW -> NCHW
         B, C, H, W = x.shape
         ws, s = self.window_size, self.shift_size
+        if min(H, W) <= ws:
+            # The original's rule, applied to the actual size: a map that fits one window gains
+            # nothing from shifting, and the cyclic-shift mask would cut neighbours apart.
+            s = 0
         y = self.norm1(x).permute(0, 2, 3, 1)
         Hp, Wp = -(-H // ws) * ws, -(-W // ws) * ws
         if (Hp, Wp) != (H, W):
             y = F.pad(y, (0, 0, 0, Wp - W, 0, Hp - H))
         if s > 0:
             y = torch.roll(y, (-s, -s), (1, 2))
-        y = self.attn(window_partition(y, ws), self._mask(H, W, Hp, Wp, x.device))
+        y = self.attn(window_partition(y, ws), self._mask(H, W, Hp, Wp, s, x.device))
         y = window_reverse(y, ws, Hp, Wp)
         if s > 0:
             y = torch.roll(y, (s, s), (1, 2))
