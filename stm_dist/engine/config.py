@@ -101,12 +101,16 @@ class DeepSpeedConfig:
 @dataclass
 class CheckpointConfig:
     every_steps: int = 1000
+    # Also save at the end of every N-th epoch (0 = only every_steps and the end of the run).
+    every_epochs: int = 1
     keep_last: int = 3
 
 
 @dataclass
 class RunConfig:
     out_dir: str = "runs/default"
+    # Also write the live (gathered) weights at the end as live_weights.pt, to check exports.
+    dump_live_weights: bool = False
 
 
 @dataclass
@@ -260,6 +264,7 @@ def validate(cfg: ExperimentConfig, source: str = "<config>"):
     need(s.warmup_epochs >= 0, "schedule.warmup_epochs", "must be >= 0")
     need(s.max_steps is None or s.max_steps > 0, "schedule.max_steps", "must be > 0")
     need(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+    need(cfg.checkpoint.every_epochs >= 0, "checkpoint.every_epochs", "must be >= 0 (0 = off)")
     need(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be >= 0 (0 = epoch ends only)")
     need(cfg.model.img_size > 0, "model.img_size", "must be > 0")
 

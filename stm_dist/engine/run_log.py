@@ -38,7 +38,7 @@ class RunLog:
             self.bar = tqdm(total=total_steps, initial=initial_step, dynamic_ncols=True,
                             disable=not sys.stderr.isatty())
 
-    def info(self, msg: str):
+    def info(self, msg: str, all_ranks: bool = False):
         line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}"
         if self.main:
             if self.bar is not None and not self.bar.disable:
@@ -47,7 +47,7 @@ class RunLog:
                 print(line, flush=True)
             if self._text:
                 self._text.write(line + "\n")
-        else:
+        elif all_ranks:
             print(f"[rank {self.rank}] {line}", file=sys.stderr, flush=True)
 
     def step(self, record: dict):

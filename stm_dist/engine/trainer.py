@@ -98,7 +98,7 @@ class Trainer:
 
         self.num_slots = t.global_batch // t.micro_batch
         self.my_slots = [self.rank * self.accum + j for j in range(self.accum)]
-        dev = "gpu" if self.accel == "cuda" else "cpu"
+        dev = "cuda" if self.accel == "cuda" else "cpu"
         self.loaders = [
             build_train_loader(cfg.data.train_shards, t.micro_batch, rank=slot, world_size=self.num_slots,
                                seed=t.seed, img_size=cfg.model.img_size, device=dev,
@@ -145,6 +145,7 @@ class Trainer:
         self.batch_aug = BatchAugment(mixup=a.mixup, cutmix=a.cutmix, switch_prob=a.switch_prob,
                                       smoothing=a.smoothing, reprob=a.reprob,
                                       num_classes=cfg.model.num_classes)
+        self._last_eval = -1
         self.step = 0
         self.epoch = 0
         self.step_in_epoch = 0
@@ -234,12 +235,19 @@ class Trainer:
             loader = build_val_loader(cfg.data.val_shards, cfg.data.eval_batch, rank=self.rank,
                                       world_size=self.world, img_size=cfg.model.img_size,
                                       crop_pct=cfg.data.crop_pct,
-                                      device="gpu" if self.accel == "cuda" else "cpu",
+                                      device="cuda" if self.accel == "cuda" else "cpu",
                                       num_threads=cfg.data.num_threads, backend=cfg.data.backend)
             r = evaluate(model, loader, self.device, expected_samples=expected)
             results.update({f"top1{suffix}": r["top1"], f"top5{suffix}": r["top5"], f"loss{suffix}": r["loss"]})
         self.log.eval(results)
+        self._last_eval = self.step
         return results
+
+    def _dump_live_weights(self):
+        with gathered(self.engine.module, self.zero_stage):
+            state = {k: v.detach().clone() for k, v in self.engine.module.state_dict().items()}
+        if self.rank == 0:
+            torch.save(state, os.path.join(self.run_dir, "live_weights.pt"))
 
     # ---------------------------------------------------------------- the loop
     def _micro_step(self, it, j: int) -> float:
@@ -283,7 +291,8 @@ class Trainer:
         cfg, every = self.cfg, self.cfg.checkpoint.every_steps
         self.log.start_progress(self.total_steps, self.step)
         self.engine.train()
-        t_start, first_step, last_saved = time.time(), self.step, -1
+        t_start, first_step = time.time(), self.step
+        last_saved = self.step if self.resume else -1
         try:
             while self.step < self.total_steps:
                 if self.step_in_epoch == 0:
@@ -314,13 +323,18 @@ class Trainer:
                     epoch_done = self.epoch
                     self.epoch += 1
                     self.step_in_epoch = 0
-                    if last_saved != self.step:
+                    ep_every = cfg.checkpoint.every_epochs
+                    if ep_every and self.epoch % ep_every == 0 and last_saved != self.step:
                         self.save()
                         last_saved = self.step
                     if cfg.data.val_shards and (epoch_done + 1) % cfg.train.eval_every_epochs == 0:
                         self.evaluate()
             if last_saved != self.step:
                 self.save()
+            if cfg.data.val_shards and self._last_eval != self.step:
+                self.evaluate()
+            if cfg.run.dump_live_weights:
+                self._dump_live_weights()
         except NonFiniteLoss as e:
             if last_saved == self.step:
                 self.log.info(f"stopping: {e}; the weights before that step are in checkpoint "

@@ -1,0 +1,186 @@
+"""`stm-bench train`: optimizer steps/s of the DeepSpeed engine (ZeRO 0-3) against a plain torch
+DDP loop on the same model and the same batches, N processes each, real launcher.
+
+Both loops do the same work per step: set the scheduled LR, forward, soft-target CE, backward,
+clip to 5.0, AdamW step. Batches are made once before timing (random tensors, or real ones
+from --data shards), so the number is the engine's cost, not the input pipeline's.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+MODES = ("torch", "zero0", "zero1", "zero2", "zero3")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--model", default="unified_convnext_micro")
+    p.add_argument("--img-size", type=int, default=32)
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--micro-batch", type=int, default=32, help="per process")
+    p.add_argument("--procs", type=int, default=2)
+    p.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {MODES}")
+    p.add_argument("--data", default=None, help="shard dir: time on real training batches instead of random ones")
+    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def _batches(args, rank, world, n):
+    import torch
+
+    if args.data:
+        from stm_dist.data import build_train_loader
+
+        loader = build_train_loader(args.data, args.micro_batch, rank=rank, world_size=world,
+                                    img_size=args.img_size, num_threads=1, randaug=False)
+        out = []
+        while len(out) < n:
+            for x, y in loader:
+                out.append((x, y % args.num_classes))
+                if len(out) == n:
+                    break
+        return out
+    g = torch.Generator().manual_seed(1000 + rank)
+    return [(torch.randn(args.micro_batch, 3, args.img_size, args.img_size, generator=g),
+             torch.randint(0, args.num_classes, (args.micro_batch,), generator=g)) for _ in range(n)]
+
+
+def _worker(args) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from stm_dist.engine.distributed import init
+    from stm_dist.models import create_model
+    from stm_dist.models.param_groups import param_groups
+
+    mode = args.worker
+    rank, world, device = init(use_deepspeed=mode != "torch")
+    torch.manual_seed(0)
+    model = create_model(args.model, num_classes=args.num_classes, img_size=args.img_size)
+    groups = param_groups(model, weight_decay=0.05)
+    n = args.warmup + args.steps
+    batches = _batches(args, rank, world, n)
+
+    def loss_fn(logits, y):
+        return F.cross_entropy(logits.float(), y, label_smoothing=0.1)
+
+    if mode == "torch":
+        model.to(device)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        opt = torch.optim.AdamW(groups, lr=1e-3, eps=1e-8)
+
+        def step(i, x, y):
+            for g in opt.param_groups:
+                g["lr"] = 1e-3
+            loss = loss_fn(ddp(x.to(device)), y.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            opt.step()
+    else:
+        import deepspeed
+
+        from stm_dist.engine import ds_setup
+        from stm_dist.engine.config import REPO_ROOT, ExperimentConfig
+        from stm_dist.engine.distributed import accelerator_name
+
+        cfg = ExperimentConfig()
+        cfg.train.micro_batch, cfg.train.global_batch = args.micro_batch, args.micro_batch * world
+        cfg.deepspeed.config = os.path.join(REPO_ROOT, "ds_configs", f"{mode}_{args.precision}.json")
+        ds = ds_setup.build(cfg, world, accelerator_name())
+        engine, opt, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds)
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+
+        def step(i, x, y):
+            for g in opt.param_groups:
+                g["lr"] = 1e-3
+            loss = loss_fn(engine(x.to(device, dtype)), y.to(device))
+            engine.backward(loss)
+            engine.step()
+
+    for i in range(args.warmup):
+        step(i, *batches[i])
+    torch.distributed.barrier()
+    t0 = time.perf_counter()
+    for i in range(args.warmup, n):
+        step(i, *batches[i])
+    torch.distributed.barrier()
+    dt = time.perf_counter() - t0
+    return {"mode": mode, "steps_per_s": args.steps / dt, "img_per_s": args.steps * args.micro_batch * world / dt,
+            "world_size": world, "precision": args.precision if mode != "torch" else "fp32"}
+
+
+def _launch(args, mode: str) -> dict:
+    from stm_dist.engine.distributed import _free_port, accelerator_name
+
+    env = dict(os.environ)
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    env.setdefault("DS_ACCELERATOR", accelerator_name())
+    env.setdefault("OMP_NUM_THREADS", "1")
+    with tempfile.TemporaryDirectory() as tmp:
+        result = os.path.join(tmp, "r.json")
+        fwd = ["--model", args.model, "--img-size", str(args.img_size), "--num-classes", str(args.num_classes),
+               "--micro-batch", str(args.micro_batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--precision", args.precision, "--worker", mode, "--result", result]
+        if args.data:
+            fwd += ["--data", args.data]
+        cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_accelerators", str(args.procs),
+               "--master_port", str(_free_port()), "--module", "stm_dist.bench.train"] + fwd
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if p.returncode != 0 or not os.path.exists(result):
+            raise RuntimeError(f"stm-bench train: {mode} failed (exit {p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+        with open(result) as f:
+            return json.load(f)
+
+
+def run(args):
+    if args.worker:
+        from stm_dist.engine.distributed import finish
+
+        r = _worker(args)
+        import torch.distributed as dist
+
+        if dist.get_rank() == 0:
+            with open(args.result, "w") as f:
+                json.dump(r, f)
+        finish(0)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise SystemExit(f"stm-bench train: unknown mode(s) {bad}; choose from {MODES}")
+    results = []
+    print(f"{args.model} @ {args.img_size}px, micro-batch {args.micro_batch} x {args.procs} processes, "
+          f"{args.steps} timed steps after {args.warmup} warm-up ({args.precision} for DeepSpeed)")
+    for m in modes:
+        r = _launch(args, m)
+        results.append(r)
+        print(f"  {m:6s} {r['steps_per_s']:7.3f} steps/s  {r['img_per_s']:8.1f} img/s", flush=True)
+    base = next((r for r in results if r["mode"] == "torch"), None)
+    if base:
+        for r in results:
+            if r["mode"] != "torch":
+                r["overhead_pct"] = 100.0 * (base["steps_per_s"] / r["steps_per_s"] - 1.0)
+                print(f"  {r['mode']}: {r['overhead_pct']:+.1f}% time per step vs the plain torch loop")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return results
+
+
+def main(argv=None):
+    parser = add_arguments(argparse.ArgumentParser(prog="stm-bench train", description=__doc__.splitlines()[0]))
+    run(parser.parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

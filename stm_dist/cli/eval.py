@@ -1,0 +1,90 @@
+"""stm-eval: top-1/top-5 of a model on a shard set; every validation image counted exactly once
+across ranks (run it plainly, or under `deepspeed` / `torchrun` to split the set).
+
+    stm-eval --model unified_swin_tiny --checkpoint swin_t.pth --data shards/
+    --checkpoint accepts our exports, a run directory / checkpoint folder (consolidated on the fly)
+    and the original release files ({'model': ..., 'model_ema': ...}).
+"""
+import argparse
+import json
+import os
+import sys
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="stm-eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="registered model name (stm_dist.models.list_models())")
+    p.add_argument("--checkpoint", required=True, help=".pth file, run directory or checkpoint folder")
+    p.add_argument("--data", required=True, help="shard directory holding the 'val' split")
+    p.add_argument("--split", default="val")
+    p.add_argument("--ema", action="store_true", help="evaluate the EMA weights of the checkpoint")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--crop-pct", type=float, default=0.875)
+    p.add_argument("--batch", type=int, default=256, help="per-process batch size")
+    p.add_argument("--num-classes", type=int, default=None, help="default: the shard manifest's class count")
+    p.add_argument("--label-map", default=None, help="file of class indices when the head has more classes")
+    p.add_argument("--backend", default="dali", choices=["dali", "pil"])
+    p.add_argument("--num-threads", type=int, default=2)
+    p.add_argument("--json", default=None, help="also write the result to this JSON file")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def _state_dict(args):
+    from stm_dist.engine.export import consolidate, locate
+
+    if os.path.isdir(args.checkpoint):
+        ckpt_dir, tag, marker = locate(args.checkpoint, warn=lambda m: print(f"stm-eval: {m}", file=sys.stderr))
+        return consolidate(ckpt_dir, tag, marker, ema=args.ema)
+    return args.checkpoint
+
+
+def run(args) -> dict:
+    import torch
+
+    from stm_dist.data import build_val_loader, read_manifest
+    from stm_dist.engine.distributed import init
+    from stm_dist.engine.evaluate import evaluate
+    from stm_dist.models import create_model
+    from stm_dist.models.pretrained import load_pretrained
+
+    rank, world, device = init(use_deepspeed=False)
+    manifest = read_manifest(args.data, args.split)
+    num_classes = args.num_classes or int(manifest["num_classes"])
+    model = create_model(args.model, num_classes=num_classes, img_size=args.img_size)
+    load_pretrained(model, _state_dict(args), label_map=args.label_map,
+                    use_ema=args.ema and not os.path.isdir(args.checkpoint))
+    model.to(device).float()
+    loader = build_val_loader(args.data, args.batch, rank=rank, world_size=world, img_size=args.img_size,
+                              crop_pct=args.crop_pct, device="cuda" if device.type == "cuda" else "cpu",
+                              num_threads=args.num_threads, backend=args.backend)
+    with torch.no_grad():
+        r = evaluate(model, loader, device, expected_samples=int(manifest["num_samples"]))
+    r.update(model=args.model, checkpoint=os.path.abspath(args.checkpoint), world_size=world, ema=args.ema)
+    return r
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from stm_dist.engine.distributed import finish
+
+    try:
+        r = run(args)
+    except (FileNotFoundError, KeyError, ValueError, RuntimeError) as e:
+        print(f"stm-eval: {e}", file=sys.stderr)
+        finish(1)
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"{r['model']}: top-1 {r['top1']:.3f}%  top-5 {r['top5']:.3f}%  loss {r['loss']:.4f}  "
+              f"({r['samples']} images, {r['world_size']} process(es))", flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(r, f, indent=1)
+    finish(0)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
