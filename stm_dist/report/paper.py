@@ -1,0 +1,36 @@
+"""What the paper published, and how model names map onto its table (spec §3, §4, §8)."""
+from __future__ import annotations
+
+import re
+
+MIXERS = ("halo", "pvt", "swin", "convnext", "dcn_v3")
+MIXER_TITLES = {"halo": "U-HaloNet", "pvt": "U-PVT", "swin": "U-Swin", "convnext": "U-ConvNeXt",
+                "dcn_v3": "U-InternImage"}
+SIZES = ("micro", "tiny", "small", "base")
+SIZE_TITLES = {"micro": "Micro (~4.5M)", "tiny": "Tiny (~30M)", "small": "Small (~50M)",
+               "base": "Base (~100M)"}
+
+# ImageNet-1k top-1 (%) at 224 px after 300 epochs, from the original README (spec §8).
+PAPER_TOP1 = {
+    ("micro", "halo"): 75.8, ("micro", "pvt"): 72.8, ("micro", "swin"): 74.4,
+    ("micro", "convnext"): 75.1, ("micro", "dcn_v3"): 75.3,
+    ("tiny", "halo"): 83.0, ("tiny", "pvt"): 82.1, ("tiny", "swin"): 82.3,
+    ("tiny", "convnext"): 82.2, ("tiny", "dcn_v3"): 83.3,
+    ("small", "halo"): 84.0, ("small", "pvt"): 83.2, ("small", "swin"): 83.3,
+    ("small", "convnext"): 83.1, ("small", "dcn_v3"): 84.1,
+    ("base", "halo"): 84.6, ("base", "pvt"): 83.4, ("base", "swin"): 83.7,
+    ("base", "convnext"): 83.7, ("base", "dcn_v3"): 84.5,
+}
+
+_NAME = re.compile(r"^unified_(halo|pvt|swin|convnext|dcn_v3)_(micro|tiny|small|base)$")
+
+
+def mixer_and_size(model_name: str) -> tuple[str, str] | None:
+    """('swin', 'tiny') for 'unified_swin_tiny'; None for models outside the paper's table."""
+    m = _NAME.match(model_name)
+    return (m.group(1), m.group(2)) if m else None
+
+
+def paper_top1(model_name: str) -> float | None:
+    key = mixer_and_size(model_name)
+    return PAPER_TOP1[(key[1], key[0])] if key else None

@@ -1,0 +1,112 @@
+"""report.md (the paper's sizes x mixers table, then every run), report.json, plots."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from . import paper
+from .collect import RunSummary
+from .plots import write_plots
+
+DASH = "–"
+
+# Columns of the per-run table: (header, RunSummary attribute or callable, format).
+RUN_COLUMNS = [
+    ("run", "name", "{}"),
+    ("model", "model", "{}"),
+    ("status", "status", "{}"),
+    ("steps", "steps", "{}"),
+    ("final loss", "final_loss", "{:.4f}"),
+    ("top-1", "top1", "{:.2f}"),
+    ("top-5", "top5", "{:.2f}"),
+    ("top-1 EMA", "top1_ema", "{:.2f}"),
+    ("top-5 EMA", "top5_ema", "{:.2f}"),
+    ("best top-1", "best_top1", "{:.2f}"),
+    ("best top-1 EMA", "best_top1_ema", "{:.2f}"),
+    ("params (M)", lambda r: None if r.params is None else r.params / 1e6, "{:.3f}"),
+    ("GFLOPs", "gflops", "{:.3f}"),
+    ("img/s", "img_s", "{:.1f}"),
+    ("procs", "world_size", "{}"),
+    ("paper top-1", "paper_top1", "{:.1f}"),
+]
+
+
+def _fmt(value, fmt: str) -> str:
+    return DASH if value is None else fmt.format(value)
+
+
+def _value(run: RunSummary, attr):
+    return attr(run) if callable(attr) else getattr(run, attr)
+
+
+def paper_table(runs: list[RunSummary]) -> list[str]:
+    """Rows = sizes, columns = mixers, as in the paper. When a cell has several runs (a grid
+    sweep), the best one is shown and the count noted."""
+    cells: dict[tuple, list[RunSummary]] = {}
+    for r in runs:
+        if r.mixer:
+            cells.setdefault((r.size, r.mixer), []).append(r)
+    lines = ["| size | " + " | ".join(paper.MIXER_TITLES[m] for m in paper.MIXERS) + " |",
+             "|---|" + "---|" * len(paper.MIXERS)]
+    for size in paper.SIZES:
+        row = []
+        for mixer in paper.MIXERS:
+            here = cells.get((size, mixer), [])
+            scored = [r.best_any_top1 for r in here if r.best_any_top1 is not None]
+            ours = _fmt(max(scored) if scored else None, "{:.2f}")
+            if len(here) > 1:
+                ours += f" ({len(here)} runs)"
+            row.append(f"{ours} / {paper.PAPER_TOP1[(size, mixer)]:.1f}")
+        lines.append(f"| {paper.SIZE_TITLES[size]} | " + " | ".join(row) + " |")
+    return lines
+
+
+def runs_table(runs: list[RunSummary]) -> list[str]:
+    lines = ["| " + " | ".join(h for h, _, _ in RUN_COLUMNS) + " |",
+             "|" + "---|" * len(RUN_COLUMNS)]
+    for r in runs:
+        lines.append("| " + " | ".join(_fmt(_value(r, a), f) for _, a, f in RUN_COLUMNS) + " |")
+    return lines
+
+
+def write_report(runs: list[RunSummary], out_dir: str, source: str = "") -> dict:
+    """Write report.md, report.json and the PNG plots; return their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    pngs = write_plots(runs, out_dir)
+    md = [
+        "# Spatial token mixers: comparison report",
+        "",
+        f"{len(runs)} run(s){' from ' + source if source else ''}, generated "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S')}.",
+        "",
+        "## Top-1 by size and mixer (the paper's layout)",
+        "",
+        "Each cell: our best top-1 (%) over all evaluations, live or EMA weights / the paper's "
+        "published ImageNet-1k top-1 (224 px, 300 epochs). Our numbers are only comparable to "
+        "the paper's for full ImageNet-1k runs of the recipe; check the data and steps of each run "
+        "below.",
+        "",
+        *paper_table(runs),
+        "",
+        "## All runs",
+        "",
+        "top-1/top-5: the last evaluation; best: over all evaluations. Parameters and GFLOPs are "
+        "counted at 224 px with the run's number of classes (torch FlopCounterMode: conv, linear, "
+        "matmul; 2 FLOPs per multiply-add, as spec §4). img/s: global training throughput, median "
+        "over steps, on the machine that ran it. procs: world size of the newest checkpoint.",
+        "",
+        *runs_table(runs),
+        "",
+        "## Plots",
+        "",
+        *[f"![{os.path.splitext(os.path.basename(p))[0]}]({os.path.basename(p)})" for p in pngs],
+        "",
+    ]
+    md_path = os.path.join(out_dir, "report.md")
+    with open(md_path, "w") as f:
+        f.write("\n".join(md))
+    json_path = os.path.join(out_dir, "report.json")
+    with open(json_path, "w") as f:
+        json.dump({"source": source, "runs": [r.to_dict() for r in runs]}, f, indent=1)
+    return {"markdown": md_path, "json": json_path, "plots": pngs}
