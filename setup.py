@@ -111,6 +111,8 @@ setup(
         "console_scripts": [
             "stm-env=stm_dist.cli.env:main",
             "stm-shards=data_tools.cli:main",
+            "stm-sweep=stm_dist.cli.sweep:main",
+            "stm-report=stm_dist.cli.report:main",
         ]
     },
 )
