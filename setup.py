@@ -113,6 +113,9 @@ setup(
             "stm-shards=data_tools.cli:main",
             "stm-sweep=stm_dist.cli.sweep:main",
             "stm-report=stm_dist.cli.report:main",
+            "stm-train=stm_dist.cli.train:main",
+            "stm-eval=stm_dist.cli.eval:main",
+            "stm-export=stm_dist.cli.export:main",
         ]
     },
 )
