@@ -7,6 +7,9 @@ position, shuffle buffer, RNG states of every random op, < 10 KB) restores the e
 """
 from __future__ import annotations
 
+import base64
+import warnings
+
 import torch
 
 from stm_dist.data.epoch_plan import epoch_seed, file_order, slice_bounds, train_slice_id, train_steps
@@ -79,19 +82,25 @@ class DaliTrainLoader:
         from stm_dist.data.dali_pipelines import train_pipeline
 
         b = self.base_epoch
+        with warnings.catch_warnings():
+            # DALI's own auto_aug ops still call deprecated aliases of equalize/filter.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pipe = self._define(train_pipeline, b)
+            pipe.build()
+        self._it = _iterator(pipe, "DROP")
+        self._resume_from = None
+
+    def _define(self, train_pipeline, b):
         order = file_order(len(self.tars), self.seed, b)
-        pipe = train_pipeline(
+        return train_pipeline(
             [self.tars[i] for i in order], [self.idxs[i] for i in order],
             shard_id=train_slice_id(self.rank, self.world_size, b), num_shards=self.world_size,
             img_size=self.img_size, device=self._dali_device, randaug=self.randaug,
             shuffle_buffer=self.shuffle_buffer, reader_seed=epoch_seed(self.seed, b, self.rank, 1),
             batch_size=self.batch_size, num_threads=self.num_threads, device_id=self._device_id,
             seed=epoch_seed(self.seed, b, self.rank, 2), enable_checkpointing=True,
-            checkpoint=self._resume_from,
+            checkpoint=None if self._resume_from is None else base64.b64decode(self._resume_from),
         )
-        pipe.build()
-        self._it = _iterator(pipe, "DROP")
-        self._resume_from = None
 
     def _advance(self):
         """Finish DALI's epoch (a rank whose slice is one sample longer may have one more batch,
@@ -122,7 +131,8 @@ class DaliTrainLoader:
 
     def state_dict(self) -> dict:
         """Position after the last batch handed out; small (the DALI part is < 10 KB)."""
-        dali = self._it.checkpoints()[0] if self._it is not None else self._resume_from
+        # base64 text, so the state survives JSON as well as torch.save
+        dali = base64.b64encode(self._it.checkpoints()[0]).decode() if self._it is not None else self._resume_from
         return {
             "epoch": self.epoch, "step": self.step, "base_epoch": self.base_epoch, "dali": dali,
             "seed": self.seed, "rank": self.rank, "world_size": self.world_size,

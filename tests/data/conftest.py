@@ -12,7 +12,7 @@ from PIL import Image
 from data_tools.cli import main as shards_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-PHOTOS = ["chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "colorwheel", "cat", "retina"]
+PHOTOS = ["chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "colorwheel", "astronaut", "retina"]
 
 
 def real_photos(max_side=96):
