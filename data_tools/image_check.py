@@ -48,17 +48,23 @@ def check_image(data: bytes) -> tuple[bytes, str | None, tuple[int, int]]:
             # PIL warns (not raises) on some corrupt EXIF blocks; the pixels are what matter.
             warnings.simplefilter("ignore")
             img = Image.open(io.BytesIO(data))
-            fmt = img.format
+            fmt, size = img.format, img.size
+            passthrough = fmt == "JPEG" and img.mode == "RGB"
+            if passthrough:
+                # Kept bytes need only proof that they decode: libjpeg's 1/8-scale mode still
+                # entropy-decodes the whole stream (so truncation and corrupt Huffman data are
+                # caught) but skips most of the IDCT and colour work: ~3x faster.
+                img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
             img.load()
     except UnidentifiedImageError:
         raise BadImage("not a recognised image format") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         msg = str(e) or type(e).__name__
         raise BadImage(f"undecodable ({fmt or 'unknown format'}): {msg}") from None
-    w, h = img.size
+    w, h = size
     if w == 0 or h == 0:
         raise BadImage(f"zero-sized image {w}x{h}")
-    if fmt == "JPEG" and img.mode == "RGB":
+    if passthrough:
         return data, None, (w, h)
     if fmt != "JPEG":
         conversion = f"format-{(fmt or 'unknown').lower()}"

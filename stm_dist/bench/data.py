@@ -1,0 +1,122 @@
+"""`stm-bench data`: images/s of the DALI CPU pipelines against the torch/PIL reader.
+
+Both read the same shards with the same number of CPU threads (DALI threads = DataLoader
+workers), both run the full recipe (train: random-resized-crop, flip, RandAugment m9/mstd0.5,
+normalise; val: resize, centre crop, normalise). Pipeline construction (DALI traces the
+RandAugment graph once per loader, ~10-40 s) is reported apart and not counted in the rate.
+Without --shards, a set is written from the real photos bundled with scikit-image and
+scikit-learn at their native sizes (300-1000 px, ImageNet-like), repeated to --count samples.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+import warnings
+
+PHOTOS = ["chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "colorwheel", "astronaut"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--shards", help="shard dir with train/val splits (default: build one from bundled photos)")
+    p.add_argument("--count", type=int, default=512, help="samples per split when building the photo set")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="DALI threads = PIL DataLoader workers")
+    p.add_argument("--seconds", type=float, default=20.0, help="timed seconds per case (at least one epoch)")
+    p.add_argument("--no-randaug", action="store_true")
+    p.add_argument("--json", help="also write the results here")
+    return p
+
+
+def write_photo_source(root: str, count: int) -> None:
+    """ImageNet layout: ``count`` JPEGs per split cycling through the bundled photos (q 90)."""
+    import numpy as np
+    import skimage.data
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        arrays = [getattr(skimage.data, n)() for n in PHOTOS] + list(load_sample_images().images)
+    os.makedirs(os.path.join(root, "meta"), exist_ok=True)
+    for split in ("train", "val"):
+        lines = []
+        for i in range(count):
+            k = i % len(arrays)
+            rel = f"{k}/img_{i:06d}.JPEG"
+            os.makedirs(os.path.join(root, split, str(k)), exist_ok=True)
+            a = np.ascontiguousarray(arrays[k][..., :3])
+            if i >= len(arrays):  # a different crop per copy, so decode work varies like real data
+                a = a[(i * 7) % 17 :, (i * 11) % 23 :]
+            Image.fromarray(a).save(os.path.join(root, split, rel), quality=90)
+            lines.append(f"{rel} {k}")
+        with open(os.path.join(root, "meta", f"{split}.txt"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+def _rate(make, seconds: float) -> dict:
+    t0 = time.perf_counter()
+    loader = make()
+    images, t_first, epochs = 0, None, 0
+    start = None
+    while True:
+        for x, _ in loader:
+            if start is None:  # the first batch pays for pipeline build/worker start
+                t_first = time.perf_counter() - t0
+                start = time.perf_counter()
+                continue
+            images += x.shape[0]
+        epochs += 1
+        if start is not None and time.perf_counter() - start >= seconds and images:
+            break
+    dt = time.perf_counter() - start
+    return {"img_per_s": images / dt, "images": images, "seconds": dt, "startup_s": t_first, "epochs": epochs}
+
+
+def run(args) -> dict:
+    from stm_dist.data import build_train_loader, build_val_loader
+
+    tmp = None
+    shards = args.shards
+    if shards is None:
+        from data_tools.writer import create_shards
+
+        tmp = tempfile.TemporaryDirectory(prefix="stm-bench-data-")
+        write_photo_source(os.path.join(tmp.name, "src"), args.count)
+        shards = os.path.join(tmp.name, "shards")
+        for split in ("train", "val"):
+            create_shards(os.path.join(tmp.name, "src"), split, shards, samples_per_shard=128,
+                          workers=args.threads, progress=False)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    common = dict(img_size=args.img_size, num_threads=args.threads)
+    results = {}
+    for backend in ("dali", "pil"):
+        results[f"train/{backend}"] = _rate(lambda: build_train_loader(
+            shards, args.batch, randaug=not args.no_randaug, backend=backend, **common), args.seconds)
+        results[f"val/{backend}"] = _rate(lambda: build_val_loader(shards, args.batch, backend=backend, **common),
+                                          args.seconds)
+    print(f"data pipelines, {args.threads} CPU threads, batch {args.batch}, {args.img_size} px, shards {shards}")
+    print(f"{'case':<12}{'img/s':>10}{'images':>9}{'startup s':>11}")
+    for k, r in results.items():
+        print(f"{k:<12}{r['img_per_s']:>10.1f}{r['images']:>9d}{r['startup_s']:>11.1f}")
+    for split in ("train", "val"):
+        ratio = results[f"{split}/dali"]["img_per_s"] / results[f"{split}/pil"]["img_per_s"]
+        results[f"{split}/ratio_dali_over_pil"] = ratio
+        print(f"{split}: DALI / PIL = {ratio:.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    if tmp:
+        tmp.cleanup()
+    return results
+
+
+def main(argv=None):
+    run(add_arguments(argparse.ArgumentParser(prog="stm-bench data", description=__doc__.splitlines()[0])).parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
