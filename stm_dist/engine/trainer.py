@@ -134,6 +134,12 @@ class Trainer:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=groups,
                                                                  config=ds_cfg)
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.precision]
+        # BatchNorm running statistics (the conv head's BN) are per-rank state that DeepSpeed
+        # neither syncs nor checkpoints per rank; averaging them after each step keeps every rank
+        # (and so evaluation, EMA and a resumed run) on the same values.
+        self._bn_buffers = [b for m in self.engine.module.modules()
+                            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                            for b in (m.running_mean, m.running_var) if b is not None]
         self.ema = None
         if t.ema:
             with gathered(self.engine.module, self.zero_stage):
@@ -267,12 +273,27 @@ class Trainer:
         self.engine.step()
         return value
 
+    @torch.no_grad()
+    def _average_bn_buffers(self):
+        if self.world == 1 or not self._bn_buffers:
+            return
+        flat = torch.cat([b.detach().reshape(-1).double() for b in self._bn_buffers])
+        if torch.distributed.get_backend() == "nccl":
+            flat = flat.cuda()
+        torch.distributed.all_reduce(flat)
+        flat /= self.world
+        i = 0
+        for b in self._bn_buffers:
+            b.copy_(flat[i:i + b.numel()].view_as(b).to(b.dtype))
+            i += b.numel()
+
     def _one_step(self, iters) -> dict:
         t0 = time.perf_counter()
         lr = self.sched.apply(self.optimizer.param_groups, self.step)
         losses = [self._micro_step(iters[j], j) for j in range(self.accum)]
         self.step += 1
         self.step_in_epoch += 1
+        self._average_bn_buffers()
         if self.ema is not None:
             with gathered(self.engine.module, self.zero_stage):
                 self.ema.update(model_state_tensors(self.engine.module))

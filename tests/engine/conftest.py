@@ -1,16 +1,11 @@
-"""Shared pieces of the engine tests: the digits shards and a runner for the real launcher."""
-import json
+"""Shared fixture of the engine tests: the real digits data set as shards."""
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-BIN = os.path.dirname(sys.executable)
+# Test modules here import the launcher helpers as `engine_launch`.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="session")
@@ -24,90 +19,3 @@ def digits_shards(tmp_path_factory):
     for split in ("train", "val"):
         create_shards(str(root / "source"), split, str(root / "shards"), samples_per_shard=400, progress=False)
     return str(root / "shards")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def env() -> dict:
-    e = dict(os.environ)
-    e["PATH"] = BIN + os.pathsep + e.get("PATH", "")
-    e.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return e
-
-
-# A micro model at 32 px with every stochastic part of the recipe on (mixup/cutmix, erasing,
-# smoothing, EMA): resume must restore all of their random streams, not only the weights.
-BASE = ["model.name=unified_convnext_micro", "model.num_classes=10", "model.img_size=32",
-        "data.num_threads=1", "data.randaug=false", "data.eval_batch=100",
-        "train.global_batch=16", "train.micro_batch=8", "train.log_every=1", "train.ema_decay=0.9",
-        "schedule.epochs=2", "schedule.warmup_epochs=1", "optim.lr=2e-3",
-        "checkpoint.every_steps=3", "checkpoint.keep_last=3"]
-
-
-def train_cmd(procs: int, run_dir: str, shards: str, extra=()) -> list:
-    return [os.path.join(BIN, "deepspeed"), "--num_accelerators", str(procs), "--master_port", str(free_port()),
-            "--module", "stm_dist.cli.train", "--config", os.path.join(REPO, "configs", "demo_digits.yaml"),
-            f"run.out_dir={run_dir}", f"data.train_shards={shards}", f"data.val_shards={shards}", *BASE, *extra]
-
-
-def run_train(procs, run_dir, shards, extra=(), timeout=600):
-    p = subprocess.run(train_cmd(procs, run_dir, shards, extra), env=env(), cwd=REPO, capture_output=True,
-                       text=True, timeout=timeout)
-    if p.returncode != 0:
-        raise AssertionError(f"training failed (exit {p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}")
-    return p.stdout + p.stderr
-
-
-def run_and_kill(procs, run_dir, shards, kill_after_step: int, extra=(), timeout=600):
-    """Start training and SIGKILL the whole launcher process group once `kill_after_step` is logged."""
-    log = open(os.path.join(os.path.dirname(run_dir), os.path.basename(run_dir) + ".killed.log"), "w")
-    p = subprocess.Popen(train_cmd(procs, run_dir, shards, extra), env=env(), cwd=REPO, stdout=log,
-                         stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + timeout
-    try:
-        while time.time() < deadline:
-            if any(r["step"] >= kill_after_step for r in train_records(run_dir)):
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-                return
-            if p.poll() is not None:
-                raise AssertionError(f"training ended (exit {p.returncode}) before step {kill_after_step}")
-            time.sleep(0.2)
-        raise AssertionError("timed out waiting for the run to reach the kill step")
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-        log.close()
-
-
-def records(run_dir: str) -> list:
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    out = []
-    with open(path) as f:
-        for line in f:
-            if line.endswith("\n"):
-                out.append(json.loads(line))
-    return out
-
-
-def train_records(run_dir):
-    return [r for r in records(run_dir) if r["kind"] == "train"]
-
-
-@pytest.fixture(scope="session")
-def launcher():
-    class L:
-        run_train = staticmethod(run_train)
-        run_and_kill = staticmethod(run_and_kill)
-        records = staticmethod(records)
-        train_records = staticmethod(train_records)
-        env = staticmethod(env)
-        repo = REPO
-    return L
