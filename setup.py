@@ -116,6 +116,7 @@ setup(
             "stm-train=stm_dist.cli.train:main",
             "stm-eval=stm_dist.cli.eval:main",
             "stm-export=stm_dist.cli.export:main",
+            "stm-bench=stm_dist.cli.bench:main",
         ]
     },
 )
