@@ -210,6 +210,14 @@ def create_shards(
             _write_json_atomic(os.path.join(prog, f"{i:06d}.json"), rec)
             done[i] = rec
             finished_now += 1
+    except BaseException:
+        # Leave no partial shard behind on an error (--strict, disk full, Ctrl-C); a hard kill
+        # can, and the next run overwrites it.
+        for i in todo:
+            tmp = os.path.join(out, f".{shard_name(split, i)}.tar.tmp")
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        raise
     finally:
         bar.close()
         if pool:

@@ -26,6 +26,22 @@ def _dali_device(device: str) -> tuple[str, int | None]:
     raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
 
 
+class _quiet_dali_aliases(warnings.catch_warnings):
+    """DALI's own auto_aug calls deprecated aliases (experimental.equalize/filter) and forces
+    those warnings on with simplefilter("default"); drop just those, which users cannot act on."""
+
+    def __enter__(self):
+        super().__enter__()
+        shown = warnings.showwarning
+
+        def show(message, category, *args, **kwargs):
+            if "is now deprecated. Use `nvidia.dali.fn." not in str(message):
+                shown(message, category, *args, **kwargs)
+
+        warnings.showwarning = show
+        return self
+
+
 def _iterator(pipe, policy):
     from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
@@ -81,13 +97,10 @@ class DaliTrainLoader:
     def _build(self):
         from stm_dist.data.dali_pipelines import train_pipeline
 
-        b = self.base_epoch
-        with warnings.catch_warnings():
-            # DALI's own auto_aug ops still call deprecated aliases of equalize/filter.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            pipe = self._define(train_pipeline, b)
+        with _quiet_dali_aliases():
+            pipe = self._define(train_pipeline, self.base_epoch)
             pipe.build()
-        self._it = _iterator(pipe, "DROP")
+            self._it = _iterator(pipe, "DROP")
         self._resume_from = None
 
     def _define(self, train_pipeline, b):

@@ -63,12 +63,21 @@ class _ShardSamples(torch.utils.data.Dataset):
         label = int(self._read(f, coff, csize).decode("ascii").strip())
         with Image.open(io.BytesIO(self._read(f, joff, jsize))) as im:
             img = ImageOps.exif_transpose(im).convert("RGB")
-        if sample_seed is not None:
-            # timm's transforms draw from python's, numpy's and torch's global generators.
-            random.seed(sample_seed)
-            np.random.seed(sample_seed)
-            torch.manual_seed(sample_seed)
-        return self.transform(img), label
+        if sample_seed is None:
+            return self.transform(img), label
+        # timm's transforms draw from python's, numpy's and torch's global generators: seed them
+        # per sample, and put them back so a loader running in the caller's process (no workers)
+        # leaves the training's own random streams alone.
+        saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        random.seed(sample_seed)
+        np.random.seed(sample_seed)
+        torch.manual_seed(sample_seed)
+        try:
+            return self.transform(img), label
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.set_rng_state(saved[2])
 
 
 def _posterize_min1(img, bits_to_keep, **kw):

@@ -132,3 +132,34 @@ def test_val_views_and_labels_match_the_source(unique_shards):
         own = dist[torch.arange(24), y]
         # (a star field, hubble_deep_field, is the worst case for two different bicubic kernels)
         assert own.median() < 0.01 and own.max() < 0.25, (backend, own)
+
+
+def test_missing_or_unfinished_split_named(tmp_path, unique_shards):
+    from stm_dist.data import ShardError
+
+    with pytest.raises(ShardError, match=r"train\.json: no manifest for split 'train'"):
+        build_train_loader(tmp_path, 4)
+    (tmp_path / ".val.progress").mkdir()
+    with pytest.raises(ShardError, match="interrupted"):
+        build_val_loader(tmp_path, 4)
+    with pytest.raises(ValueError, match="backend"):
+        build_train_loader(unique_shards, 4, backend="torchvision")
+    with pytest.raises(ShardError, match="cannot fill one batch"):
+        build_train_loader(unique_shards, 16, world_size=2, randaug=False)
+
+
+@pytest.mark.gpu
+def test_dali_gpu_decode_matches_cpu(unique_shards):
+    views = {}
+    for device in ("cpu", "cuda"):
+        (x, y), = list(build_val_loader(unique_shards, 24, img_size=32, device=device, num_threads=1))
+        assert x.device.type == device and y.device.type == device
+        views[device] = (x.cpu(), y.cpu())
+    assert torch.equal(views["cpu"][1], views["cuda"][1])
+    assert (views["cpu"][0] - views["cuda"][0]).abs().mean() < 0.02  # nvJPEG vs libjpeg-turbo
+    L = build_train_loader(unique_shards, 8, img_size=32, device="cuda", randaug=True, num_threads=1)
+    labels = []
+    for x, y in L:
+        assert x.is_cuda and x.shape == (8, 3, 32, 32) and y.is_cuda
+        labels += y.tolist()
+    assert sorted(labels) == list(range(24))
