@@ -14,9 +14,10 @@ from typing import NamedTuple, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from timm.layers import DropPath, Mlp
 
 from stm_dist.ops import ms_deform_attn
+
+from .layers import Mlp, drop_path_or_identity, layer_scale
 
 __all__ = ["DeformInputs", "DeformableGridAttention", "DCNv3Block", "MODELS"]
 
@@ -25,8 +26,8 @@ class DeformInputs(NamedTuple):
     """Per-stage sampling geometry, computed once per forward and shared by the stage's blocks."""
 
     reference_points: torch.Tensor  # (1, H*W, 1, 2) float32, (x, y) normalised to the padded map
-    spatial_shapes: torch.Tensor  # (1, 2) int64: padded (H, W)
-    level_start_index: torch.Tensor  # (1,) int64
+    spatial_shapes: torch.Tensor  # (1, 2) int64 on the CPU: padded (H, W)
+    level_start_index: torch.Tensor  # (1,) int64 on the CPU
     size: Tuple[int, int]  # unpadded (H, W) of the stage's feature map
 
 
@@ -95,19 +96,20 @@ class DeformableGridAttention(nn.Module):
         self.attention_weights = nn.Linear(dim, num_groups * deform_points)
         self.value_proj = nn.Linear(dim, self.value_dim)
         self.output_proj = nn.Linear(self.value_dim, dim)
-        # Fixed sampling grid, not a parameter: (1, 1, G, 1, P, 2) as (x, y) with x varying slowest
-        # over the k x k points; group g uses dilation_rates[g % len(dilation_rates)].
-        self.register_buffer("grid", self._build_grid(kernel, dilation_rates, num_groups), persistent=False)
+        # Fixed sampling grid as plain numbers, not a buffer: nothing to checkpoint, and nothing
+        # left uninitialised when a model is built on the meta device and materialised later.
+        self.grid_points = self._grid_points(kernel, dilation_rates, num_groups)
 
     @staticmethod
-    def _build_grid(kernel, dilation_rates, num_groups):
+    def _grid_points(kernel, dilation_rates, num_groups):
+        """[group][point] -> (x, y) offsets: x varies slowest over the k x k points (as the
+        original), group g uses dilation_rates[g % len(dilation_rates)]."""
         per_rate = []
         for rate in dilation_rates:
-            steps = torch.linspace((-kernel // 2 + 1) * rate, (kernel // 2) * rate, kernel, dtype=torch.float32)
-            gx, gy = torch.meshgrid(steps, steps, indexing="ij")
-            per_rate.append(torch.stack((gx, gy), -1).reshape(-1, 2))
-        grid = torch.stack([per_rate[g % len(dilation_rates)] for g in range(num_groups)])
-        return grid.reshape(1, 1, num_groups, 1, kernel * kernel, 2)
+            lo = (-kernel // 2 + 1) * rate
+            steps = [lo + i * rate for i in range(kernel)]
+            per_rate.append([(gx, gy) for gx in steps for gy in steps])
+        return [per_rate[g % len(dilation_rates)] for g in range(num_groups)]
 
     def forward(self, x, deform: DeformInputs):
         N, H, W, C = x.shape
@@ -116,7 +118,12 @@ class DeformableGridAttention(nn.Module):
 
         value = self.value_proj(x)
         if pad:
-            value = F.pad(value, [0, 0, pad, pad, pad, pad])
+            # Zero border added after the projection (so it stays zero, bias included). Not F.pad:
+            # in this graph torch.compile's backward of the pad (torch 2.14, aot_eager) handed a
+            # non-contiguous gradient to a `view` and failed at run time.
+            padded = value.new_zeros(N, H + 2 * pad, W + 2 * pad, self.value_dim)
+            padded[:, pad:pad + H, pad:pad + W] = value
+            value = padded
         value = value.reshape(N, (H + 2 * pad) * (W + 2 * pad), G, self.value_dim // G)
 
         offsets = self.sampling_offsets(query).reshape(N, H * W, G, 1, P, 2)
@@ -126,8 +133,9 @@ class DeformableGridAttention(nn.Module):
         # pixel (the original runs this op in fp32 under AMP too).
         compute_dtype = torch.promote_types(value.dtype, torch.float32)
         normalizer = torch.tensor([W + 2 * pad, H + 2 * pad], dtype=torch.float32, device=x.device)
+        grid = torch.tensor(self.grid_points, dtype=compute_dtype, device=x.device).reshape(1, 1, G, 1, P, 2)
         locations = deform.reference_points[:, :, None, :, None, :] + (
-            self.grid.to(compute_dtype) + offsets.to(compute_dtype)) * self.offsets_scaler / normalizer
+            grid + offsets.to(compute_dtype)) * self.offsets_scaler / normalizer
         with torch.autocast(device_type=x.device.type, enabled=False):
             out = ms_deform_attn(value.to(compute_dtype), deform.spatial_shapes, deform.level_start_index,
                                  locations.contiguous(), weights.to(compute_dtype))
@@ -142,17 +150,14 @@ class DCNv3Block(nn.Module):
                  num_heads, deform_points=9, kernel_size=3, deform_padding=True, deform_ratio=1.0,
                  dilation_rates=(1,), offsets_scaler=1.0, mlp_ratio=4.0):
         super().__init__()
-        if layer_scale_init_value > 0:
-            self.gamma1 = nn.Parameter(layer_scale_init_value * torch.ones(dim))
-            self.gamma2 = nn.Parameter(layer_scale_init_value * torch.ones(dim))
-        else:
-            self.gamma1 = self.gamma2 = None
+        self.gamma1 = layer_scale(dim, layer_scale_init_value)
+        self.gamma2 = layer_scale(dim, layer_scale_init_value)
         self.norm1 = nn.LayerNorm(dim)
         self.attn = DeformableGridAttention(dim, num_heads[stage], deform_points, kernel_size, deform_ratio,
                                             dilation_rates, deform_padding, offsets_scaler)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.drop_path = drop_path_or_identity(drop_path)
 
     @staticmethod
     def extra_inputs(img, depths=4, deform_points=9, deform_padding=True):
@@ -165,11 +170,11 @@ class DCNv3Block(nn.Module):
         stages = []
         for i in range(depths):
             hs, ws = _stage_size(h, i), _stage_size(w, i)
-            shapes = torch.tensor([[hs + 2 * pad, ws + 2 * pad]], dtype=torch.long, device=img.device)
             stages.append(DeformInputs(
                 reference_points=_reference_points(hs + 2 * pad, ws + 2 * pad, pad, img.device),
-                spatial_shapes=shapes,
-                level_start_index=torch.zeros(1, dtype=torch.long, device=img.device),
+                # Shapes stay on the CPU even for CUDA images: the kernels read them on the host.
+                spatial_shapes=torch.tensor([[hs + 2 * pad, ws + 2 * pad]], dtype=torch.long),
+                level_start_index=torch.zeros(1, dtype=torch.long),
                 size=(hs, ws),
             ))
         return stages

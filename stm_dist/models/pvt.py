@@ -9,7 +9,9 @@ Parameter names follow the original checkpoints exactly (`pos_embed`, `gamma_1`,
 import torch
 import torch.nn.functional as F
 from torch import nn
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import trunc_normal_
+
+from .layers import Mlp, drop_path_or_identity, layer_scale
 
 __all__ = ["SpatialReductionAttention", "PvtBlock", "PvtV2Block", "MODELS"]
 
@@ -54,11 +56,6 @@ class SpatialReductionAttention(nn.Module):
         return self.proj(x)
 
 
-def _layer_scale(dim, init_value):
-    # layer_scale_init_value <= 0 means "no layer scale" (the original multiplies by a constant 1).
-    return nn.Parameter(init_value * torch.ones(dim)) if init_value > 0 else None
-
-
 class PvtBlock(nn.Module):
     """PVT-v1 block, NCHW in and out.
 
@@ -77,13 +74,13 @@ class PvtBlock(nn.Module):
             trunc_normal_(self.pos_embed, std=0.02)
         else:
             self.pos_embed = None
-        self.gamma_1 = _layer_scale(dim, layer_scale_init_value)
-        self.gamma_2 = _layer_scale(dim, layer_scale_init_value)
+        self.gamma_1 = layer_scale(dim, layer_scale_init_value)
+        self.gamma_2 = layer_scale(dim, layer_scale_init_value)
         self.norm1 = nn.LayerNorm(dim)
         self.attn = SpatialReductionAttention(dim, num_heads[stage], qkv_bias, sr_ratios[stage])
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratios[stage]))
-        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.drop_path = drop_path_or_identity(drop_path)
 
     def _pos_embed_at(self, H: int, W: int):
         if tuple(self.pos_embed.shape[-2:]) == (H, W):
@@ -134,13 +131,13 @@ class PvtV2Block(nn.Module):
     def __init__(self, dim, drop_path, stage, depth, total_depth, input_resolution, layer_scale_init_value,
                  num_heads, mlp_ratios, sr_ratios, qkv_bias=True):
         super().__init__()
-        self.gamma_1 = _layer_scale(dim, layer_scale_init_value)
-        self.gamma_2 = _layer_scale(dim, layer_scale_init_value)
+        self.gamma_1 = layer_scale(dim, layer_scale_init_value)
+        self.gamma_2 = layer_scale(dim, layer_scale_init_value)
         self.norm1 = nn.LayerNorm(dim)
         self.attn = SpatialReductionAttention(dim, num_heads[stage], qkv_bias, sr_ratios[stage])
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = DepthwiseConvMlp(dim, int(dim * mlp_ratios[stage]))
-        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.drop_path = drop_path_or_identity(drop_path)
 
     def forward(self, x):
         B, C, H, W = x.shape
