@@ -96,20 +96,25 @@ class DeformableGridAttention(nn.Module):
         self.attention_weights = nn.Linear(dim, num_groups * deform_points)
         self.value_proj = nn.Linear(dim, self.value_dim)
         self.output_proj = nn.Linear(self.value_dim, dim)
-        # Fixed sampling grid as plain numbers, not a buffer: nothing to checkpoint, and nothing
-        # left uninitialised when a model is built on the meta device and materialised later.
-        self.grid_points = self._grid_points(kernel, dilation_rates, num_groups)
+        self.kernel = kernel
+        self.dilation_rates = tuple(dilation_rates)
 
-    @staticmethod
-    def _grid_points(kernel, dilation_rates, num_groups):
-        """[group][point] -> (x, y) offsets: x varies slowest over the k x k points (as the
-        original), group g uses dilation_rates[g % len(dilation_rates)]."""
-        per_rate = []
-        for rate in dilation_rates:
-            lo = (-kernel // 2 + 1) * rate
-            steps = [lo + i * rate for i in range(kernel)]
-            per_rate.append([(gx, gy) for gx in steps for gy in steps])
-        return [per_rate[g % len(dilation_rates)] for g in range(num_groups)]
+    def _grid(self, dtype, device):
+        """Fixed sampling grid (1, 1, G, 1, P, 2) as (x, y), x varying slowest over the k x k
+        points as in the original; group g uses dilation_rates[g % len(dilation_rates)].
+
+        Built on the device each call instead of kept as a buffer: no host-to-device copy (that
+        would sync the stream in every block), and nothing left uninitialised when a model is
+        built on the meta device and materialised later.
+        """
+        k, G, rates = self.kernel, self.num_groups, self.dilation_rates
+        unit = torch.arange(k, dtype=dtype, device=device) + (-k // 2 + 1)
+        unit = torch.stack((unit.repeat_interleave(k), unit.repeat(k)), -1)  # (P, 2)
+        if len(set(rates)) == 1:
+            grid = (unit * rates[0]).expand(G, -1, -1)
+        else:
+            grid = torch.stack([unit * rates[g % len(rates)] for g in range(G)])
+        return grid.reshape(1, 1, G, 1, k * k, 2)
 
     def forward(self, x, deform: DeformInputs):
         N, H, W, C = x.shape
@@ -132,10 +137,11 @@ class DeformableGridAttention(nn.Module):
         # Sample in at least float32: bf16/fp16 locations would be off by a good fraction of a
         # pixel (the original runs this op in fp32 under AMP too).
         compute_dtype = torch.promote_types(value.dtype, torch.float32)
-        normalizer = torch.tensor([W + 2 * pad, H + 2 * pad], dtype=torch.float32, device=x.device)
-        grid = torch.tensor(self.grid_points, dtype=compute_dtype, device=x.device).reshape(1, 1, G, 1, P, 2)
-        locations = deform.reference_points[:, :, None, :, None, :] + (
-            grid + offsets.to(compute_dtype)) * self.offsets_scaler / normalizer
+        step = (self._grid(compute_dtype, x.device) + offsets.to(compute_dtype)) * self.offsets_scaler
+        # Normalised to the padded map by dividing (not multiplying by a reciprocal): the
+        # original's rounding, which the float64 fixtures carry.
+        step = torch.stack((step[..., 0] / (W + 2 * pad), step[..., 1] / (H + 2 * pad)), -1)
+        locations = deform.reference_points[:, :, None, :, None, :] + step
         with torch.autocast(device_type=x.device.type, enabled=False):
             out = ms_deform_attn(value.to(compute_dtype), deform.spatial_shapes, deform.level_start_index,
                                  locations.contiguous(), weights.to(compute_dtype))
