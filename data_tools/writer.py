@@ -161,7 +161,10 @@ def create_shards(
     from tqdm import tqdm
 
     bar = tqdm(total=n, initial=n - len(jobs), unit="img", desc=f"{split} shards", disable=not progress, smoothing=0.1)
-    pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
+    # fork: workers need no re-import of the caller's __main__ (which breaks under spawn for
+    # `python -c`/stdin callers); they only run PIL, so no threads of the parent matter.
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    pool = ctx.Pool(workers) if workers > 1 else None
     try:
         results = pool.imap(_process, paths, chunksize=16) if pool else map(_process, paths)
         j = 0
