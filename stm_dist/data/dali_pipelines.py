@@ -13,6 +13,7 @@ from nvidia.dali import fn, pipeline_def, types
 MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
 STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
 LABEL_BYTES = 8  # up to 8 ASCII digits per label
+WARP_FROM = 384  # val: resize shorter side + centre crop below this size, square warp from it
 
 
 def _read(paths, index_paths, *, shard_id, num_shards, shuffle, shuffle_buffer, reader_seed, pad_last_batch, stick):
@@ -64,6 +65,12 @@ def val_pipeline(paths, index_paths, *, shard_id, num_shards, img_size, resize_s
     jpg, cls = _read(paths, index_paths, shard_id=shard_id, num_shards=num_shards, shuffle=False,
                      shuffle_buffer=1, reader_seed=0, pad_last_batch=True, stick=True)
     images = fn.decoders.image(jpg, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
+    if img_size >= WARP_FROM:
+        # The original (timm's eval transform) warps to a square from 384 px up: no crop.
+        images = fn.resize(images, resize_x=img_size, resize_y=img_size, interp_type=types.INTERP_CUBIC,
+                           antialias=True)
+        images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", mean=MEAN, std=STD)
+        return images, _labels(cls)
     images = fn.resize(images, resize_shorter=resize_size, interp_type=types.INTERP_CUBIC, antialias=True)
     images = fn.crop_mirror_normalize(
         images, dtype=types.FLOAT, output_layout="CHW", crop=(img_size, img_size),

@@ -161,11 +161,20 @@ class PilTrainLoader:
         self.epoch, self.step = int(sd["epoch"]), int(sd["step"])
 
 
+def val_transform(img_size: int, crop_pct: float):
+    """The original's eval view: shorter side to int(img_size / crop_pct) then centre crop;
+    from 384 px up a square warp to img_size (no crop)."""
+    from torchvision import transforms as T
+
+    bicubic = T.InterpolationMode.BICUBIC
+    resize = [T.Resize((img_size, img_size), bicubic)] if img_size >= 384 else [
+        T.Resize(int(img_size / crop_pct), bicubic), T.CenterCrop(img_size)]
+    return T.Compose(resize + [T.ToTensor(), T.Normalize(MEAN, STD)])
+
+
 class PilValLoader:
     def __init__(self, shard_dir, batch_size, *, rank=0, world_size=1, img_size=224, crop_pct=0.875, device="cpu",
                  num_threads=2, split="val"):
-        from timm.data import create_transform
-
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
         man = read_manifest(shard_dir, split)
@@ -174,9 +183,7 @@ class PilValLoader:
         self.lo, self.hi = slice_bounds(int(man["num_samples"]), rank, world_size)
         self.num_samples = self.hi - self.lo
         self.batch_size, self.device, self.num_threads = batch_size, device, num_threads
-        tf = create_transform(img_size, is_training=False, interpolation="bicubic", crop_pct=crop_pct,
-                              mean=MEAN, std=STD)
-        self.dataset = _ShardSamples(tars, _index_entries(tars, idxs), tf)
+        self.dataset = _ShardSamples(tars, _index_entries(tars, idxs), val_transform(img_size, crop_pct))
 
     def __len__(self):
         return -(-self.num_samples // self.batch_size)

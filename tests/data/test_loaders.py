@@ -118,7 +118,7 @@ def test_val_views_and_labels_match_the_source(unique_shards):
     from PIL import Image
     from timm.data import create_transform
 
-    tf = create_transform(32, is_training=False, interpolation="bicubic", crop_pct=0.875)
+    tf = create_transform(32, is_training=False, interpolation="bicubic", crop_pct=0.875)  # timm as reference
     src = sorted((unique_shards.parent / "src" / "val").iterdir())  # class k = k-th sorted folder
     expected = torch.stack([tf(Image.open(next(d.iterdir())).convert("RGB")) for d in src])
     for backend in ("dali", "pil"):
@@ -163,3 +163,10 @@ def test_dali_gpu_decode_matches_cpu(unique_shards):
         assert x.is_cuda and x.shape == (8, 3, 32, 32) and y.is_cuda
         labels += y.tolist()
     assert sorted(labels) == list(range(24))
+
+
+def test_val_warps_from_384(unique_shards):
+    (xd, _), = list(build_val_loader(unique_shards, 24, img_size=384, num_threads=1))
+    (xp, _), = list(build_val_loader(unique_shards, 24, img_size=384, backend="pil", num_threads=0))
+    assert xd.shape == xp.shape == (24, 3, 384, 384)
+    assert (xd - xp).abs().mean() < 0.05  # same square warp (upsampled: no crop margins differ)
