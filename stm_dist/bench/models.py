@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens here)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--out-dir", default="bench_results/models", help="where models.csv / models.png go")
+    p.add_argument("--out-dir", default="bench_out/models", help="where models.csv / models.png go")
     return p
 
 

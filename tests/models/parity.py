@@ -54,27 +54,27 @@ def load_fixture(name: str, dtype: torch.dtype) -> dict:
     return torch.load(os.path.join(FIXTURE_DIR, f"{name}.pt"), weights_only=False)[key]
 
 
-def filled_model(name: str, dtype: torch.dtype, **overrides):
+def filled_model(name: str, dtype: torch.dtype, device="cpu", **overrides):
     """Model `name` in eval mode, in `dtype`, with the fixture weights loaded strictly."""
     model = create_model(name, num_classes=1000, layer_scale_init_value=1e-6, **overrides)
-    model = model.to(dtype).eval()
+    model = model.to(device=device, dtype=dtype).eval()
     model.load_state_dict(fill_state_dict(model.state_dict(), dtype), strict=True)
     return model
 
 
 @torch.no_grad()
-def run_fixture(name: str, dtype: torch.dtype, x: torch.Tensor = None, **overrides) -> dict:
+def run_fixture(name: str, dtype: torch.dtype, x: torch.Tensor = None, device="cpu", **overrides) -> dict:
     """Logits and fixture-style stage statistics/slices of the filled model on the fixture input."""
-    model = filled_model(name, dtype, **overrides)
-    x = fixture_input(dtype) if x is None else x
+    model = filled_model(name, dtype, device, **overrides)
+    x = (fixture_input(dtype) if x is None else x).to(device)
     stages = model.forward_stages(x)
     feats = model.conv_head(model.stage_end_norm(stages[-1]))
     logits = model.head(model.avg_head(feats))
     return dict(
-        logits=logits,
+        logits=logits.cpu(),
         stage_mean=[s.mean().item() for s in stages],
         stage_std=[s.std().item() for s in stages],
-        stage_slice=[s[0, :8, :2, :2] for s in stages],
+        stage_slice=[s[0, :8, :2, :2].cpu() for s in stages],
     )
 
 
