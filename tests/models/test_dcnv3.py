@@ -1,12 +1,13 @@
 """U-InternImage (DCNv3) models: layout, fixture parity, sampling geometry, other sizes, compile."""
 import pytest
 import torch
+from torch._dynamo.backends.debugging import aot_eager
 
 import stm_dist.models.dcnv3 as dcnv3
 from parity import TOL, fill_state_dict, load_fixture, max_deviation, original_keys, run_fixture
 from stm_dist.models import create_model
 from stm_dist.models.dcnv3 import DCNv3Block, DeformableGridAttention
-from stm_dist.ops import ms_deform_attn_reference
+from stm_dist.ops import kernel_available, ms_deform_attn_reference
 
 SIZES = ("micro", "tiny", "small", "base", "large")
 # Spec §4: parameters, state-dict entries and pooled feature width of the original models.
@@ -194,8 +195,15 @@ def test_bf16_autocast_samples_in_fp32():
 
 
 def _compile_check(model, x):
+    """Compiled forward+backward equal eager; returns the ops the captured graph calls."""
     torch._dynamo.reset()
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    called = []
+
+    def backend(gm, example_inputs):
+        called.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return aot_eager(gm, example_inputs)
+
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
     out = compiled(x)
     out.square().mean().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -205,6 +213,7 @@ def _compile_check(model, x):
     torch.testing.assert_close(out, ref)
     for n, p in model.named_parameters():
         torch.testing.assert_close(grads[n], p.grad, msg=n)
+    return called
 
 
 def test_compile_fullgraph_forward_backward():
@@ -212,7 +221,9 @@ def test_compile_fullgraph_forward_backward():
     resolves it (the compiled op with its fake kernel when built). aot_eager: dynamo capture +
     AOT autograd tracing decide graph breaks, without minutes of C++ codegen on 2 cores."""
     torch.manual_seed(0)
-    _compile_check(create_model("unified_dcn_v3_micro", num_classes=10), torch.randn(2, 3, 64, 64))
+    called = _compile_check(create_model("unified_dcn_v3_micro", num_classes=10), torch.randn(2, 3, 64, 64))
+    through_op = sum("stm_dist.ms_deform_attn" in c for c in called)
+    assert through_op == (15 if kernel_available("ms_deform_attn", "CPU") else 0), called
 
 
 def test_compile_fullgraph_reference_path(monkeypatch):
@@ -220,4 +231,5 @@ def test_compile_fullgraph_reference_path(monkeypatch):
     monkeypatch.setattr(dcnv3, "ms_deform_attn", ms_deform_attn_reference)
     torch.manual_seed(0)
     model = create_model("unified_dcn_v3_micro", num_classes=10, depths=(1, 1, 1, 1))
-    _compile_check(model, torch.randn(2, 3, 64, 64))
+    called = _compile_check(model, torch.randn(2, 3, 64, 64))
+    assert not any("stm_dist" in c for c in called) and any("grid_sample" in c for c in called)
