@@ -94,18 +94,22 @@ def test_two_process_checkpoint_continues_on_one_process(digits_shards, root):
     ref = reference(2, digits_shards, root)
     run = os.path.join(root, "one_proc")
     shutil.copytree(ref, run)
-    for tag in ("step000000006", "step000000010"):  # continue from step 3
-        shutil.rmtree(os.path.join(run, "checkpoints", tag))
+    ckdir = os.path.join(run, "checkpoints")
+    for tag in os.listdir(ckdir):  # keep_last=3 left steps 6, 9, 10: continue from step 6
+        if tag.startswith("step") and int(tag[4:]) > 6:
+            shutil.rmtree(os.path.join(ckdir, tag))
     os.remove(os.path.join(run, "metrics.jsonl"))
     run_train(1, run, digits_shards, extra(2))
     text = log_text(run)
     assert "saved by 2 processes, loaded via universal checkpoint" in text
-    assert "step 3" in text.split("resumed from")[-1].splitlines()[0]
+    assert "step 6" in text.split("resumed from")[-1].splitlines()[0]
     ref_l, got = losses(ref), losses(run)
-    assert min(got) == 4, "training did not continue from step 4"
-    assert abs(got[4] - ref_l[4]) <= 1e-5, (got[4], ref_l[4])
-    for step in range(5, STEPS + 1):  # same data, same optimizer state: stays close
-        assert abs(got[step] - ref_l[step]) <= 1e-3, (step, got[step], ref_l[step])
+    assert min(got) == 7, "training did not continue from step 7"
+    assert abs(got[7] - ref_l[7]) <= 1e-5, (got[7], ref_l[7])
+    # Same data (per-slot iterator states) and optimizer state: later steps stay together too.
+    # (Evaluation may differ: BatchNorm running stats see 2 micro-batches one after the other here.)
+    for step in range(8, STEPS + 1):
+        assert abs(got[step] - ref_l[step]) <= 1e-4, (step, got[step], ref_l[step])
 
 
 def test_zero3_export_equals_live_weights_and_eval_matches(digits_shards, root, tmp_path):
