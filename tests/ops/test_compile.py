@@ -74,14 +74,27 @@ def test_export_keeps_the_op_as_one_node():
 
 
 def test_compile_dcnv3_block():
-    models = pytest.importorskip("stm_dist.models")
-    block_cls = getattr(getattr(models, "dcnv3", None), "DCNv3Block", None)
+    """One real U-InternImage block (stm_dist.models) compiled with fullgraph, forward + backward."""
+    dcnv3 = pytest.importorskip("stm_dist.models.dcnv3")
+    block_cls = getattr(dcnv3, "DCNv3Block", None)
     if block_cls is None:
         pytest.skip("stm_dist.models.dcnv3.DCNv3Block does not exist yet")
     torch.manual_seed(0)
-    block = block_cls(dim=32, stage=0, depth=0, total_depth=0, input_resolution=(6, 6), groups=2)
-    x = torch.randn(1, 32, 6, 6)
-    eager = _fwd_bwd(block, x)
-    got = _fwd_bwd(torch.compile(block, fullgraph=True, backend="aot_eager"), x)
+    block = block_cls(dim=32, drop_path=0.0, stage=0, depth=0, total_depth=0, input_resolution=(6, 6),
+                      layer_scale_init_value=1.0, num_heads=(2, 4, 8, 16))
+    deform = block_cls.extra_inputs(torch.zeros(1, 3, 24, 24))[0]
+    x = torch.randn(1, 32, *deform.size)
+
+    def run(module):
+        module.zero_grad()
+        xi = x.detach().requires_grad_()
+        out, _ = module((xi, deform))
+        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        return out.detach(), xi.grad, [p.grad.clone() for p in module.parameters()]
+
+    eager = run(block)
+    got = run(torch.compile(block, fullgraph=True, backend="aot_eager"))
     torch.testing.assert_close(got[0], eager[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got[1], eager[1], rtol=1e-5, atol=1e-5)
+    for g, e in zip(got[2], eager[2]):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
