@@ -53,7 +53,7 @@ def timm_increasing_suite():
 
 
 def rand_augment_timm(images, *, img_size: int, n: int = 2, magnitude: float = 9.0, magnitude_std: float = 0.5,
-                      prob: float = 0.5, seed: int | None = None):
+                      prob: float = 0.5, seed: int | None = None, interp_type=types.INTERP_LINEAR):
     """Apply the policy to a batch of uint8 HWC images of side ``img_size`` (needs conditionals)."""
     suite = timm_increasing_suite()
     identity = len(suite) - 1
@@ -74,6 +74,6 @@ def rand_augment_timm(images, *, img_size: int, n: int = 2, magnitude: float = 9
             num_magnitude_bins=NUM_BINS,
             shape=(img_size, img_size),
             fill_value=128,
-            interp_type=types.INTERP_LINEAR,
+            interp_type=interp_type,
         )
     return images
