@@ -170,3 +170,14 @@ def test_val_warps_from_384(unique_shards):
     (xp, _), = list(build_val_loader(unique_shards, 24, img_size=384, backend="pil", num_threads=0))
     assert xd.shape == xp.shape == (24, 3, 384, 384)
     assert (xd - xp).abs().mean() < 0.05  # same square warp (upsampled: no crop margins differ)
+
+
+def test_import_is_lazy():
+    import subprocess
+    import sys
+
+    code = ("import sys, stm_dist.data as d; "
+            "heavy = [m for m in ('nvidia.dali', 'timm', 'torchvision') if m in sys.modules]; "
+            "assert not heavy, heavy; d.BatchAugment(num_classes=2); assert 'timm' in sys.modules")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
