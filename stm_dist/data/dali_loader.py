@@ -1,10 +1,5 @@
-"""Train and val loaders over DALI pipelines, with exact mid-epoch resume.
-
-Each train epoch gets a freshly built pipeline whose inputs (file order, slice, seeds) are a
-function of (seed, epoch, rank) only, so epoch ``e`` looks the same whether the run got there
-directly, via ``set_epoch(e)`` or via a resume. Inside an epoch, DALI's own checkpoint (reader
-position, shuffle buffer, RNG states of every random op, < 10 KB) restores the exact stream.
-"""
+"""Train and val loaders over DALI pipelines, with exact mid-epoch resume (DALI checkpoints:
+reader position, shuffle buffer and the RNG state of every random op, < 10 KB)."""
 from __future__ import annotations
 
 import base64
@@ -52,12 +47,14 @@ def _iterator(pipe, policy):
 class DaliTrainLoader:
     """See :func:`stm_dist.data.build_train_loader` for the contract.
 
-    One pipeline serves consecutive epochs (building a RandAugment graph takes DALI seconds to
-    tens of seconds). It is built at a "base epoch" b with seeds drawn from (seed, b, rank) and
-    first slice (rank + b) % world_size; DALI then moves every rank to the next slice each epoch
-    and keeps shuffling with its running RNG. ``set_epoch`` to anything but the current or next
-    epoch rebuilds the pipeline with that epoch as base. The loader state stores b with DALI's
-    checkpoint, so a resume rebuilds the same pipeline and restores it.
+    Every epoch gets a freshly built pipeline whose inputs are a function of (seed, epoch, rank)
+    only: the shard files in an order drawn from (seed, epoch), slice (rank + epoch) % world_size,
+    reader and augmentation seeds from (seed, epoch, rank). The pipeline is dropped after
+    ``len(self)`` batches, inside DALI's first epoch, so DALI's own epoch transitions (padding,
+    slice rotation, shuffle-buffer refill), which do not line up with drop_last steps when slices
+    differ in size, never come into play. Epoch e is the same whether reached directly, via
+    ``set_epoch`` or via a resume; within an epoch DALI's checkpoint restores the exact stream.
+    Cost: one graph build per epoch (~1 s; 10-40 s with RandAugment on 2 busy cores).
     """
 
     def __init__(self, shard_dir, batch_size, *, rank=0, world_size=1, seed=0, img_size=224, device="cpu",
@@ -75,61 +72,45 @@ class DaliTrainLoader:
         if self.steps == 0:
             raise ShardError(f"{shard_dir}/{split}.json: {self.num_samples} samples cannot fill one batch of "
                              f"{batch_size} on each of {world_size} ranks")
-        self.epoch, self.step, self.base_epoch = 0, 0, 0
+        self.epoch, self.step = 0, 0
         self._it = None
-        self._resume_from = None  # DALI checkpoint to restore when the pipeline is built
+        self._resume_from = None  # DALI checkpoint (base64) to restore when the pipeline is built
 
     def __len__(self):
         return self.steps
 
     def set_epoch(self, epoch: int):
-        """Make ``epoch`` the current one. The current epoch: no-op (keeps a resumed position);
-        the next one after a finished epoch: continue; anything else: rebuild from ``epoch``."""
+        """Start ``epoch`` from its beginning; a no-op if it is already the current epoch (so a
+        resumed position survives the engine's usual set_epoch call)."""
         epoch = int(epoch)
-        if epoch == self.epoch:
-            return
-        if epoch == self.epoch + 1 and self.step >= self.steps:
-            self._advance()
-            return
-        self.epoch, self.step, self.base_epoch = epoch, 0, epoch
-        self._it, self._resume_from = None, None
+        if epoch != self.epoch:
+            self.epoch, self.step = epoch, 0
+            self._it, self._resume_from = None, None
 
     def _build(self):
         from stm_dist.data.dali_pipelines import train_pipeline
 
+        e = self.epoch
+        order = file_order(len(self.tars), self.seed, e)
         with _quiet_dali_aliases():
-            pipe = self._define(train_pipeline, self.base_epoch)
+            pipe = train_pipeline(
+                [self.tars[i] for i in order], [self.idxs[i] for i in order],
+                shard_id=train_slice_id(self.rank, self.world_size, e), num_shards=self.world_size,
+                img_size=self.img_size, device=self._dali_device, randaug=self.randaug,
+                shuffle_buffer=self.shuffle_buffer, reader_seed=epoch_seed(self.seed, e, self.rank, 1),
+                batch_size=self.batch_size, num_threads=self.num_threads, device_id=self._device_id,
+                seed=epoch_seed(self.seed, e, self.rank, 2), enable_checkpointing=True,
+                checkpoint=None if self._resume_from is None else base64.b64decode(self._resume_from),
+            )
             pipe.build()
             self._it = _iterator(pipe, "DROP")
         self._resume_from = None
-
-    def _define(self, train_pipeline, b):
-        order = file_order(len(self.tars), self.seed, b)
-        return train_pipeline(
-            [self.tars[i] for i in order], [self.idxs[i] for i in order],
-            shard_id=train_slice_id(self.rank, self.world_size, b), num_shards=self.world_size,
-            img_size=self.img_size, device=self._dali_device, randaug=self.randaug,
-            shuffle_buffer=self.shuffle_buffer, reader_seed=epoch_seed(self.seed, b, self.rank, 1),
-            batch_size=self.batch_size, num_threads=self.num_threads, device_id=self._device_id,
-            seed=epoch_seed(self.seed, b, self.rank, 2), enable_checkpointing=True,
-            checkpoint=None if self._resume_from is None else base64.b64decode(self._resume_from),
-        )
-
-    def _advance(self):
-        """Finish DALI's epoch (a rank whose slice is one sample longer may have one more batch,
-        which drop_last discards so that all ranks run the same number of steps) and move on."""
-        if self._it is None:
-            self._build()
-        for _ in self._it:
-            pass
-        self._it.reset()
-        self.epoch, self.step = self.epoch + 1, 0
 
     def __iter__(self):
         from stm_dist.data.dali_pipelines import labels_from_ascii
 
         if self.step >= self.steps:  # the previous epoch was iterated to its end
-            self._advance()
+            self.set_epoch(self.epoch + 1)
         if self._it is None:
             self._build()
         while self.step < self.steps:
@@ -144,10 +125,14 @@ class DaliTrainLoader:
 
     def state_dict(self) -> dict:
         """Position after the last batch handed out; small (the DALI part is < 10 KB)."""
-        # base64 text, so the state survives JSON as well as torch.save
-        dali = base64.b64encode(self._it.checkpoints()[0]).decode() if self._it is not None else self._resume_from
+        mid = 0 < self.step < self.steps
+        if mid and self._it is not None:
+            # base64 text, so the state survives JSON as well as torch.save
+            dali = base64.b64encode(self._it.checkpoints()[0]).decode()
+        else:
+            dali = self._resume_from if mid else None
         return {
-            "epoch": self.epoch, "step": self.step, "base_epoch": self.base_epoch, "dali": dali,
+            "epoch": self.epoch, "step": self.step, "dali": dali,
             "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
             "batch_size": self.batch_size, "num_samples": self.num_samples, "backend": "dali",
         }
@@ -158,10 +143,12 @@ class DaliTrainLoader:
         for k in ("seed", "rank", "world_size", "batch_size", "num_samples"):
             if sd.get(k) != getattr(self, k):
                 raise ValueError(f"loader state has {k}={sd.get(k)!r}, this loader has {getattr(self, k)!r}")
-        self.epoch, self.step, self.base_epoch = int(sd["epoch"]), int(sd["step"]), int(sd["base_epoch"])
-        self._it, self._resume_from = None, sd.get("dali")
-        if self._resume_from is None and (self.step > 0 or self.epoch != self.base_epoch):
-            raise ValueError(f"loader state at epoch {self.epoch} step {self.step} holds no DALI checkpoint")
+        self.epoch, self.step = int(sd["epoch"]), int(sd["step"])
+        self._it = None
+        self._resume_from = sd.get("dali") if 0 < self.step < self.steps else None
+        if 0 < self.step < self.steps and self._resume_from is None:
+            raise ValueError(f"loader state is mid-epoch (epoch {self.epoch} step {self.step}) "
+                             f"but holds no DALI checkpoint")
 
 
 class DaliValLoader:

@@ -42,7 +42,7 @@ def train_pipeline(paths, index_paths, *, shard_id, num_shards, img_size, device
     from stm_dist.data.dali_randaug import rand_augment_timm
 
     jpg, cls = _read(paths, index_paths, shard_id=shard_id, num_shards=num_shards, shuffle=True,
-                     shuffle_buffer=shuffle_buffer, reader_seed=reader_seed, pad_last_batch=True, stick=False)
+                     shuffle_buffer=shuffle_buffer, reader_seed=reader_seed, pad_last_batch=False, stick=True)
     # Decoding only the random crop window saves most of the decode work on large images.
     images = fn.decoders.image_random_crop(
         jpg, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB,

@@ -181,3 +181,15 @@ def test_import_is_lazy():
             "assert not heavy, heavy; d.BatchAugment(num_classes=2); assert 'timm' in sys.modules")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_uneven_slices_same_steps_no_repeats(unique_shards):
+    # 24 samples over 5 ranks: slices of 4 and 5, batch 2 -> 2 steps everywhere; ranks with 5
+    # samples have a third (padded) DALI batch that must be dropped, not leak into the next epoch.
+    loaders = [build_train_loader(unique_shards, 2, rank=r, world_size=5, seed=1, img_size=32, randaug=False,
+                                  num_threads=1) for r in range(5)]
+    assert {len(L) for L in loaders} == {2}
+    for epoch in range(3):
+        ranks = _epoch_labels(loaders, epoch)
+        flat = sum(ranks, [])
+        assert len(flat) == 20 and len(set(flat)) == 20, (epoch, ranks)
