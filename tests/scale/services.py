@@ -29,10 +29,23 @@ def ensure_packages(names: list[str]):
         raise ServiceError(f"Debian packages {missing} are missing and installing them needs root: "
                            f"apt-get install -y {' '.join(missing)}")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *missing]):
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise ServiceError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    # The packages' install scripts must not start system daemons (an sshd on 0.0.0.0:22):
+    # Debian's policy-rc.d hook, exit 101 = "not allowed", unless the machine already has one.
+    policy = "/usr/sbin/policy-rc.d"
+    own_policy = not os.path.exists(policy)
+    if own_policy:
+        with open(policy, "w") as f:
+            f.write("#!/bin/sh\nexit 101\n")
+        os.chmod(policy, 0o755)
+    try:
+        for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *missing]):
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise ServiceError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
+                                   f"{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    finally:
+        if own_policy:
+            os.remove(policy)
 
 
 def free_port() -> int:
@@ -72,9 +85,35 @@ def stop(proc: subprocess.Popen | None, name: str, timeout: float = 15):
 
 
 def listeners_of(pid: int) -> list[str]:
-    """Local addresses the process `pid` listens on (TCP), from `ss`."""
-    out = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True).stdout
-    return [line.split()[3] for line in out.splitlines() if f"pid={pid}," in line]
+    """"addr:port" of every TCP socket the process `pid` listens on (read from /proc, so no
+    iproute2 is needed); IPv6 addresses are shown in brackets."""
+    inodes = set()
+    fd_dir = f"/proc/{pid}/fd"
+    for fd in os.listdir(fd_dir):
+        try:
+            target = os.readlink(os.path.join(fd_dir, fd))
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    found = []
+    for table, v6 in (("/proc/net/tcp", False), ("/proc/net/tcp6", True)):
+        if not os.path.exists(table):
+            continue
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                cols = line.split()
+                if cols[3] != "0A" or cols[9] not in inodes:  # 0A = LISTEN
+                    continue
+                addr_hex, port_hex = cols[1].split(":")
+                raw = bytes.fromhex(addr_hex)
+                if v6:
+                    words = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
+                    addr = "[" + socket.inet_ntop(socket.AF_INET6, words) + "]"
+                else:
+                    addr = socket.inet_ntoa(raw[::-1])
+                found.append(f"{addr}:{int(port_hex, 16)}")
+    return sorted(found)
 
 
 class Sshd:
@@ -206,6 +245,8 @@ MpiDefault=none
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 SchedulerType=sched/builtin
+# Start a requeued job as soon as its begin time passes, not at the next 60 s scheduling pass.
+SchedulerParameters=sched_interval=2
 ReturnToService=2
 JobRequeue=1
 KillWait=30
