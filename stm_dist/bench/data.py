@@ -22,7 +22,7 @@ PHOTOS = ["chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemis
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--shards", help="shard dir with train/val splits (default: build one from bundled photos)")
-    p.add_argument("--count", type=int, default=512, help="samples per split when building the photo set")
+    p.add_argument("--count", type=int, default=1536, help="samples per split when building the photo set")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="DALI threads = PIL DataLoader workers")
