@@ -91,3 +91,48 @@ def test_deepspeed_hostfile_no_ssh_node_rank(digits_shards, tmp_path):
     for rank, (p, out) in enumerate(zip(launchers, outs)):
         assert p.returncode == 0, f"node_rank {rank}:\n{out[-4000:]}"
     _check_two_process_run(run_dir)
+
+
+def test_usr1_to_one_rank_stops_every_rank_after_the_same_step(digits_shards, tmp_path):
+    """The ranks receive a preemption signal at different moments (here only one gets it); they
+    must still agree on the step to stop after, save one complete checkpoint, and exit 75."""
+    import re
+    import signal
+
+    run_dir = str(tmp_path / "run")
+    args = _train_args(digits_shards, run_dir)
+    args = [a if not a.startswith("schedule.max_steps=") else "schedule.max_steps=40" for a in args]
+    proc = subprocess.Popen(["deepspeed", "--num_accelerators", "2", "--master_port", str(free_port()), *args],
+                            cwd=tmp_path, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    lines = []
+    try:
+        pids = []
+        for line in proc.stdout:
+            lines.append(line)
+            m = re.search(r"process (\d+) spawned with command", line)
+            if m:
+                pids.append(int(m.group(1)))
+            if re.search(r"step 2/40", line):
+                break
+        assert len(pids) == 2, "".join(lines[-50:])
+        os.kill(pids[1], signal.SIGUSR1)  # rank 1 only
+        lines.extend(proc.stdout)
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out = "".join(lines)
+    assert proc.returncode == 75, out[-4000:]
+    # Rank 0 never got the signal, yet stopped: on rank 1's, through the all-reduced flag.
+    stopped = re.findall(r"stopping after step (\d+): another rank received", out)
+    assert len(stopped) == 1, out[-3000:]
+    k = int(stopped[0])
+    assert 2 <= k < 40
+    losses, _ = read_metrics(run_dir)
+    assert max(losses) == k
+    with open(os.path.join(run_dir, "checkpoints", f"step{k:09d}", "COMPLETE")) as f:
+        marker = json.load(f)
+    # The checkpoint is collective: complete at step k with 2 ranks means rank 1 saved the same step.
+    assert marker["step"] == k and marker["world_size"] == 2
