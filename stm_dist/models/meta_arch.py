@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .layers import LayerNorm2d, to_2tuple
 
-__all__ = ["MetaArch", "Stem", "DownsampleLayer"]
+__all__ = ["MetaArch", "Stem", "DownsampleLayer", "FeatureInfo"]
 
 
 class Stem(nn.Module):
@@ -51,6 +51,16 @@ class DownsampleLayer(nn.Module):
 
     def forward(self, x):
         return self.reduction(x)
+
+
+class FeatureInfo(list):
+    """timm-style list of dicts (num_chs, reduction, module) with channels()/reduction() helpers."""
+
+    def channels(self) -> list:
+        return [f["num_chs"] for f in self]
+
+    def reduction(self) -> list:
+        return [f["reduction"] for f in self]
 
 
 def _init_weights(m: nn.Module) -> None:
@@ -147,7 +157,7 @@ class MetaArch(nn.Module):
             self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
         info = [dict(num_chs=dims[i], reduction=4 * 2**i, module=f"stage_norms.{i}") for i in range(4)]
-        self.feature_info = [info[i] for i in self.out_indices] if features_only else info
+        self.feature_info = FeatureInfo([info[i] for i in self.out_indices] if features_only else info)
         self.apply(_init_weights)
 
     # -- interface -------------------------------------------------------------------------

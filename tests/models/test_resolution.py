@@ -124,8 +124,8 @@ def test_features_only(stm):
     feat = create_model(f"unified_{stm}_micro", features_only=True, out_indices=(1, 3)).eval()
     missing = feat.load_state_dict(cls.state_dict(), strict=False)
     assert not missing.missing_keys
-    assert [i["num_chs"] for i in feat.feature_info] == [64, 256]
-    assert [i["reduction"] for i in feat.feature_info] == [8, 32]
+    assert feat.feature_info.channels() == [64, 256] and feat.feature_info.reduction() == [8, 32]
+    assert cls.feature_info.channels() == [32, 64, 128, 256]
     x = torch.randn(1, 3, 128, 192)
     with torch.no_grad():
         outs = feat(x)
