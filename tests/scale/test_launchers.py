@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from conftest import REPO, launch_env, read_metrics, tiny_overrides, tool
+from harness import REPO, launch_env, read_metrics, tiny_overrides, tool
 from services import Sshd, free_port, listeners_of
 
 pytestmark = pytest.mark.slow

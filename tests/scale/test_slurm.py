@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, launch_env, read_metrics, tiny_overrides, tool
+from harness import REPO, launch_env, read_metrics, tiny_overrides, tool
 from services import ServiceError, Slurm, listeners_of, wait_for
 
 pytestmark = pytest.mark.slow

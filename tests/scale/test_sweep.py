@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from conftest import REPO, tool
+from harness import REPO, tool
 from stm_dist.report import paper
 from stm_dist.sweep import SweepError, load
 
