@@ -108,6 +108,13 @@ def _run_isolated(case: dict) -> dict:
     return row
 
 
+def _write_csv(rows: list, path: str) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+
+
 def write_plot(rows: list, path: str) -> None:
     import matplotlib
 
@@ -144,6 +151,8 @@ def run(args) -> int:
     if bad:
         raise SystemExit(f"stm-bench models: unknown --modes {bad}; choose from {MODES}")
     rows = []
+    os.makedirs(args.out_dir, exist_ok=True)
+    csv_path = os.path.join(args.out_dir, "models.csv")
     for name in _expand(args.models):
         for mode in modes:
             case = dict(model=name, mode=mode, device=args.device, threads=args.threads,
@@ -155,12 +164,7 @@ def run(args) -> int:
                   f"{row['img_per_s']:9.2f} img/s  {row['step_ms']:9.1f} ms/step  "
                   f"peak {row['peak_mem_mib']:8.1f} MiB  first step {row['first_step_s']:.1f} s"),
                   flush=True)
-    os.makedirs(args.out_dir, exist_ok=True)
-    csv_path = os.path.join(args.out_dir, "models.csv")
-    with open(csv_path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
+            _write_csv(rows, csv_path)  # after every case: an interrupted run keeps what it measured
     png_path = os.path.join(args.out_dir, "models.png")
     write_plot(rows, png_path)
     print(f"wrote {csv_path} and {png_path}")
