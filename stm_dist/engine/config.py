@@ -230,6 +230,7 @@ def parse_override(text: str) -> tuple[str, str, Any]:
 
 
 def load(path: str, overrides: list[str] = ()) -> ExperimentConfig:
+    path = resolve_path(path)  # configs/x.yaml works from any directory
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
     with open(path) as f:
