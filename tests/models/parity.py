@@ -11,7 +11,9 @@ import torch
 
 from stm_dist.models import create_model
 
-SPEC_DIR = os.environ.get("STM_SPEC_DIR", "/work/shared/spec")
+# The spec lives in shared/ beside the checkout (as in CI's clean clone); STM_SPEC_DIR overrides.
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SPEC_DIR = os.environ.get("STM_SPEC_DIR", os.path.join(os.path.dirname(_REPO), "shared", "spec"))
 FIXTURE_DIR = os.path.join(SPEC_DIR, "original_fixtures")
 KEYS_DIR = os.path.join(SPEC_DIR, "original_state_dict_keys")
 
