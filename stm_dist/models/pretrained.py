@@ -89,6 +89,8 @@ def extract_state_dict(obj, use_ema: bool = False, source: str = "checkpoint") -
         sd = obj["model_ema"]
     else:
         sd = next((obj[k] for k in ("model", "module", "state_dict") if isinstance(obj.get(k), dict)), obj)
+        if sd is obj and isinstance(obj.get("model_ema"), dict):
+            raise CheckpointError(f"{source}: holds only 'model_ema' weights; pass use_ema=True to load them")
     bad = [k for k, v in sd.items() if not torch.is_tensor(v)]
     if bad:
         raise CheckpointError(f"{source}: not a state dict (non-tensor entries {bad[:5]}); expected a bare "

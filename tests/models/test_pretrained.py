@@ -42,6 +42,10 @@ def test_ema_pick_and_bare_dict():
     assert _same(src, dst)
     with pytest.raises(CheckpointError, match="model_ema"):
         load_pretrained(dst, {"model": src.state_dict()}, use_ema=True)
+    with pytest.raises(CheckpointError, match="use_ema=True"):
+        load_pretrained(dst, {"model_ema": ema.state_dict(), "epoch": 3})
+    with pytest.raises(CheckpointError, match="non-tensor"):
+        load_pretrained(dst, {"weights": src.state_dict()})
 
 
 def test_missing_and_unexpected_are_named():
