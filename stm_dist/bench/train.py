@@ -26,6 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {MODES}")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run the modes round-robin this many times and report each mode's median (noisy machines)")
     p.add_argument("--data", default=None, help="shard dir: time on real training batches instead of random ones")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -157,13 +159,22 @@ def run(args):
     bad = [m for m in modes if m not in MODES]
     if bad:
         raise SystemExit(f"stm-bench train: unknown mode(s) {bad}; choose from {MODES}")
-    results = []
     print(f"{args.model} @ {args.img_size}px, micro-batch {args.micro_batch} x {args.procs} processes, "
           f"{args.steps} timed steps after {args.warmup} warm-up ({args.precision} for DeepSpeed)")
+    runs = {m: [] for m in modes}
+    for rep in range(args.repeat):
+        for m in modes:
+            r = _launch(args, m)
+            runs[m].append(r)
+            print(f"  [{rep + 1}/{args.repeat}] {m:6s} {r['steps_per_s']:7.3f} steps/s  {r['img_per_s']:8.1f} img/s",
+                  flush=True)
+    results = []
     for m in modes:
-        r = _launch(args, m)
-        results.append(r)
-        print(f"  {m:6s} {r['steps_per_s']:7.3f} steps/s  {r['img_per_s']:8.1f} img/s", flush=True)
+        ordered = sorted(runs[m], key=lambda r: r["steps_per_s"])
+        med = dict(ordered[len(ordered) // 2], all_steps_per_s=[r["steps_per_s"] for r in runs[m]])
+        results.append(med)
+        if args.repeat > 1:
+            print(f"  median {m:6s} {med['steps_per_s']:7.3f} steps/s")
     base = next((r for r in results if r["mode"] == "torch"), None)
     if base:
         for r in results:

@@ -306,6 +306,10 @@ class Trainer:
                "img_s": self.cfg.train.global_batch / dt}
         if torch.cuda.is_available():
             rec["mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        else:  # peak resident memory of this process (Linux reports KiB)
+            import resource
+
+            rec["mem_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         return rec
 
     def train(self) -> int:
