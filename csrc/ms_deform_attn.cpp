@@ -6,26 +6,21 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include <sstream>
 
 namespace stm_dist {
 namespace {
 
-std::string shape_str(const at::Tensor& t) {
-  std::ostringstream os;
-  os << t.sizes();
-  return os.str();
-}
+std::string shape_str(const at::Tensor& t) { return msg::piece(t.sizes()); }
 
 void check_float_input(const char* op, const char* name, const at::Tensor& t, int64_t dim,
                        const char* layout, const at::Tensor& value) {
-  TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
-  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must be ", dim, "-D ", layout, ", got shape ",
+  STM_CHECK(t.defined(), op, ": ", name, " is undefined");
+  STM_CHECK(t.dim() == dim, op, ": ", name, " must be ", dim, "-D ", layout, ", got shape ",
               shape_str(t));
-  TORCH_CHECK(t.scalar_type() == value.scalar_type(), op, ": ", name, " has dtype ",
+  STM_CHECK(t.scalar_type() == value.scalar_type(), op, ": ", name, " has dtype ",
               t.scalar_type(), " but value has dtype ", value.scalar_type(),
               " (all floating inputs must share one dtype)");
-  TORCH_CHECK(t.device() == value.device(), op, ": ", name, " is on ", t.device(),
+  STM_CHECK(t.device() == value.device(), op, ": ", name, " is on ", t.device(),
               " but value is on ", value.device());
 }
 
@@ -37,10 +32,10 @@ MsDeformGeometry check_ms_deform_inputs(const char* op, const at::Tensor& value,
                                         const at::Tensor& sampling_locations,
                                         const at::Tensor& attention_weights,
                                         const at::Tensor* grad_output) {
-  TORCH_CHECK(value.defined() && value.dim() == 4, op,
+  STM_CHECK(value.defined() && value.dim() == 4, op,
               ": value must be 4-D (N, S, M, D), got shape ",
               value.defined() ? shape_str(value) : "undefined");
-  TORCH_CHECK(at::isFloatingType(value.scalar_type()), op,
+  STM_CHECK(at::isFloatingType(value.scalar_type()), op,
               ": value must be a floating tensor, got ", value.scalar_type());
   check_float_input(op, "sampling_locations", sampling_locations, 6, "(N, Lq, M, L, P, 2)", value);
   check_float_input(op, "attention_weights", attention_weights, 5, "(N, Lq, M, L, P)", value);
@@ -55,37 +50,37 @@ MsDeformGeometry check_ms_deform_inputs(const char* op, const at::Tensor& value,
   g.P = sampling_locations.size(4);
 
   const auto& loc = sampling_locations;
-  TORCH_CHECK(loc.size(0) == g.N && loc.size(2) == g.M && loc.size(5) == 2, op,
+  STM_CHECK(loc.size(0) == g.N && loc.size(2) == g.M && loc.size(5) == 2, op,
               ": sampling_locations must be (N, Lq, M, L, P, 2) = (", g.N, ", Lq, ", g.M,
               ", L, P, 2) to match value ", shape_str(value), ", got ", shape_str(loc));
-  TORCH_CHECK(attention_weights.sizes() == loc.sizes().slice(0, 5), op,
+  STM_CHECK(attention_weights.sizes() == loc.sizes().slice(0, 5), op,
               ": attention_weights must be (N, Lq, M, L, P) = ", loc.sizes().slice(0, 5),
               " to match sampling_locations, got ", shape_str(attention_weights));
   if (grad_output != nullptr) {
     check_float_input(op, "grad_output", *grad_output, 3, "(N, Lq, M*D)", value);
-    TORCH_CHECK(grad_output->size(0) == g.N && grad_output->size(1) == g.Lq &&
+    STM_CHECK(grad_output->size(0) == g.N && grad_output->size(1) == g.Lq &&
                     grad_output->size(2) == g.M * g.D,
                 op, ": grad_output must be (N, Lq, M*D) = (", g.N, ", ", g.Lq, ", ", g.M * g.D,
                 "), got ", shape_str(*grad_output));
   }
 
-  TORCH_CHECK(spatial_shapes.defined() && spatial_shapes.dim() == 2 && spatial_shapes.size(1) == 2,
+  STM_CHECK(spatial_shapes.defined() && spatial_shapes.dim() == 2 && spatial_shapes.size(1) == 2,
               op, ": spatial_shapes must be (L, 2) rows of (H, W), got shape ",
               spatial_shapes.defined() ? shape_str(spatial_shapes) : "undefined");
-  TORCH_CHECK(!at::isFloatingType(spatial_shapes.scalar_type()) &&
+  STM_CHECK(!at::isFloatingType(spatial_shapes.scalar_type()) &&
                   spatial_shapes.scalar_type() != at::kBool,
               op, ": spatial_shapes must be an integer tensor, got ", spatial_shapes.scalar_type());
-  TORCH_CHECK(spatial_shapes.size(0) == g.L, op, ": spatial_shapes has ", spatial_shapes.size(0),
+  STM_CHECK(spatial_shapes.size(0) == g.L, op, ": spatial_shapes has ", spatial_shapes.size(0),
               " levels but sampling_locations has L = ", g.L);
-  TORCH_CHECK(level_start_index.defined() && level_start_index.dim() == 1 &&
+  STM_CHECK(level_start_index.defined() && level_start_index.dim() == 1 &&
                   level_start_index.size(0) == g.L,
               op, ": level_start_index must be (L,) = (", g.L, ",), got shape ",
               level_start_index.defined() ? shape_str(level_start_index) : "undefined");
-  TORCH_CHECK(!at::isFloatingType(level_start_index.scalar_type()) &&
+  STM_CHECK(!at::isFloatingType(level_start_index.scalar_type()) &&
                   level_start_index.scalar_type() != at::kBool,
               op, ": level_start_index must be an integer tensor, got ",
               level_start_index.scalar_type());
-  TORCH_CHECK(g.L >= 1 && g.L <= MsDeformGeometry::kMaxLevels, op, ": ", g.L,
+  STM_CHECK(g.L >= 1 && g.L <= MsDeformGeometry::kMaxLevels, op, ": ", g.L,
               " levels given; between 1 and ", MsDeformGeometry::kMaxLevels, " are supported");
 
   // The level table is tiny; reading it costs a device sync when it lives on the GPU, which is
@@ -97,16 +92,16 @@ MsDeformGeometry check_ms_deform_inputs(const char* op, const at::Tensor& value,
   int64_t total = 0;
   for (int64_t l = 0; l < g.L; ++l) {
     const int64_t h = sh[2 * l], w = sh[2 * l + 1];
-    TORCH_CHECK(h > 0 && w > 0, op, ": spatial_shapes[", l, "] = (", h, ", ", w,
+    STM_CHECK(h > 0 && w > 0, op, ": spatial_shapes[", l, "] = (", h, ", ", w,
                 ") must be positive");
-    TORCH_CHECK(st[l] == total, op, ": level_start_index[", l, "] = ", st[l],
+    STM_CHECK(st[l] == total, op, ": level_start_index[", l, "] = ", st[l],
                 " but the sizes in spatial_shapes put level ", l, " at ", total);
     g.H.push_back(h);
     g.W.push_back(w);
     g.start.push_back(total);
     total += h * w;
   }
-  TORCH_CHECK(total == g.S, op, ": spatial_shapes give sum(H*W) = ", total,
+  STM_CHECK(total == g.S, op, ": spatial_shapes give sum(H*W) = ", total,
               " positions but value has S = ", g.S, " (value shape ", shape_str(value), ")");
   return g;
 }

@@ -11,7 +11,14 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <c10/core/Device.h>
+#include <c10/core/ScalarType.h>
+#include <c10/util/ArrayRef.h>
+#include <c10/util/Exception.h>
+
 #include <cstdint>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 namespace stm_dist {
@@ -33,4 +40,33 @@ MsDeformGeometry check_ms_deform_inputs(const char* op, const at::Tensor& value,
                                         const at::Tensor& attention_weights,
                                         const at::Tensor* grad_output = nullptr);
 
+// Error messages are assembled from std::string pieces and handed to TORCH_CHECK as one string,
+// never through std::ostringstream (which a multi-argument TORCH_CHECK instantiates in this
+// library): on the lent H100 image (gcc 13.3, torch 2.11) an extension that formatted a message
+// with a stream crashed the process instead of raising the error.
+namespace msg {
+inline std::string piece(const char* s) { return s; }
+inline std::string piece(const std::string& s) { return s; }
+inline std::string piece(c10::ScalarType t) { return c10::toString(t); }
+inline std::string piece(const c10::Device& d) { return d.str(); }
+inline std::string piece(c10::IntArrayRef a) {
+  std::string out = "[";
+  for (size_t i = 0; i < a.size(); ++i) out += (i ? ", " : "") + std::to_string(a[i]);
+  return out + "]";
+}
+template <typename T, std::enable_if_t<std::is_integral_v<T>, int> = 0>
+inline std::string piece(T v) {
+  return std::to_string(v);
+}
+template <typename... Args>
+std::string cat(const Args&... args) {
+  std::string out;
+  ((out += piece(args)), ...);
+  return out;
+}
+}  // namespace msg
+
 }  // namespace stm_dist
+
+// TORCH_CHECK with a message built by stm_dist::msg::cat (see above).
+#define STM_CHECK(cond, ...) TORCH_CHECK((cond), ::stm_dist::msg::cat(__VA_ARGS__))

@@ -274,7 +274,7 @@ inline void backward_dispatch(const MsDeformGeometry& g, const c10::BFloat16* go
 
 void check_cpu_dtype(const at::Tensor& value) {
   const auto t = value.scalar_type();
-  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kBFloat16,
+  STM_CHECK(t == at::kFloat || t == at::kDouble || t == at::kBFloat16,
               "ms_deform_attn (CPU): value dtype ", t,
               " is not supported; use float32, float64 or bfloat16");
 }

@@ -224,12 +224,12 @@ Levels make_levels(const MsDeformGeometry& g) {
 
 void check_cuda_inputs(const char* op, const MsDeformGeometry& g, const at::Tensor& value) {
   const auto t = value.scalar_type();
-  TORCH_CHECK(t == at::kFloat || t == at::kHalf || t == at::kBFloat16, op, " (CUDA): value dtype ",
+  STM_CHECK(t == at::kFloat || t == at::kHalf || t == at::kBFloat16, op, " (CUDA): value dtype ",
               t, " is not supported; use float32, float16 or bfloat16");
-  TORCH_CHECK(g.Lq <= INT32_MAX && g.M * g.D <= INT32_MAX && g.L * g.P <= INT32_MAX, op,
+  STM_CHECK(g.Lq <= INT32_MAX && g.M * g.D <= INT32_MAX && g.L * g.P <= INT32_MAX, op,
               " (CUDA): sizes too large (Lq, M*D and L*P must fit in 32 bits)");
   for (int64_t l = 0; l < g.L; ++l)
-    TORCH_CHECK(g.H[l] * g.W[l] <= INT32_MAX, op, " (CUDA): level ", l, " has more than 2^31 pixels");
+    STM_CHECK(g.H[l] * g.W[l] <= INT32_MAX, op, " (CUDA): level ", l, " has more than 2^31 pixels");
 }
 
 template <typename F>
@@ -238,7 +238,7 @@ void dispatch_dtype(at::ScalarType t, F&& f) {
     case at::kFloat: return f(float{});
     case at::kHalf: return f(at::Half{});
     case at::kBFloat16: return f(at::BFloat16{});
-    default: TORCH_CHECK(false, "ms_deform_attn (CUDA): unsupported dtype ", t);
+    default: STM_CHECK(false, "ms_deform_attn (CUDA): unsupported dtype ", t);
   }
 }
 
