@@ -98,3 +98,16 @@ def original_keys(name: str):
         key, shape = line.split("\t")[:2]
         rows.append((key, tuple(int(s) for s in shape.strip("()").split(",") if s.strip())))
     return rows
+
+
+def meta_model(name: str, **overrides):
+    """A model on the meta device: shapes and counts without paying for initialisation."""
+    with torch.device("meta"):
+        return create_model(name, **overrides)
+
+
+def fast_model(name: str, **overrides):
+    """Built on the meta device and filled by the fixture rule: skips the slow trunc_normal init."""
+    model = meta_model(name, **overrides).to_empty(device="cpu")
+    model.load_state_dict(fill_state_dict(model.state_dict(), torch.float32), strict=True)
+    return model.eval()

@@ -4,7 +4,8 @@ import torch
 from torch._dynamo.backends.debugging import aot_eager
 
 import stm_dist.models.dcnv3 as dcnv3
-from parity import TOL, fill_state_dict, load_fixture, max_deviation, original_keys, run_fixture
+from parity import (TOL, fast_model, fill_state_dict, load_fixture, max_deviation, meta_model, original_keys,
+                    run_fixture)
 from stm_dist.models import create_model
 from stm_dist.models.dcnv3 import DCNv3Block, DeformableGridAttention
 from stm_dist.ops import kernel_available, ms_deform_attn_reference
@@ -15,18 +16,6 @@ PARAMS = dict(zip((f"unified_dcn_v3_{s}" for s in SIZES),
                   (4_302_692, 29_933_272, 50_082_280, 97_465_192, 223_339_610)))
 ENTRIES = dict(zip((f"unified_dcn_v3_{s}" for s in SIZES[:4]), (363, 693, 759, 759)))
 FEATURES = dict(zip(SIZES, (384, 768, 960, 1344, 1920)))
-
-
-def meta_model(name, **kw):
-    with torch.device("meta"):
-        return create_model(name, **kw)
-
-
-def fast_model(name, **kw):
-    """Built on the meta device and filled by the fixture rule: skips the slow trunc_normal init."""
-    model = meta_model(name, **kw).to_empty(device="cpu")
-    model.load_state_dict(fill_state_dict(model.state_dict(), torch.float32), strict=True)
-    return model.eval()
 
 
 @pytest.mark.parametrize("name", sorted(PARAMS))

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from parity import (TOL, fill_state_dict, filled_model, fixture_input, load_fixture, max_deviation,
+from parity import (TOL, fast_model, fill_state_dict, filled_model, fixture_input, load_fixture, max_deviation, meta_model,
                     original_keys, run_fixture)
 from stm_dist.models import create_model
 from stm_dist.models.pvt import PvtBlock, SpatialReductionAttention
@@ -18,18 +18,6 @@ PARAMS = {
 }
 ENTRIES = {"unified_pvt_micro": 209, "unified_pvt_tiny": 405, "unified_pvt_small": 645, "unified_pvt_base": 1205}
 FEATURES = {"micro": 384, "tiny": 768, "small": 768, "base": 768}
-
-
-def meta_model(name, **kw):
-    with torch.device("meta"):
-        return create_model(name, **kw)
-
-
-def fast_model(name, **kw):
-    """Built on the meta device and filled by the fixture rule: skips the slow trunc_normal init."""
-    model = meta_model(name, **kw).to_empty(device="cpu")
-    model.load_state_dict(fill_state_dict(model.state_dict(), torch.float32), strict=True)
-    return model.eval()
 
 
 @pytest.mark.parametrize("name", sorted(PARAMS))
