@@ -7,6 +7,7 @@ gets exactly the weights the fixtures were produced with.
 import os
 import zlib
 
+import pytest
 import torch
 
 from stm_dist.models import create_model
@@ -111,3 +112,14 @@ def fast_model(name: str, **overrides):
     model = meta_model(name, **overrides).to_empty(device="cpu")
     model.load_state_dict(fill_state_dict(model.state_dict(), torch.float32), strict=True)
     return model.eval()
+
+
+def check_fixture(name: str, dtype: torch.dtype) -> None:
+    """Logits and stage slices within the README tolerances, stage mean/std close as well."""
+    got, ref = run_fixture(name, dtype), load_fixture(name, dtype)
+    dev, tol = max_deviation(got, ref), TOL[dtype]
+    assert dev["logits"] <= tol["logits"], dev
+    assert dev["stage"] <= tol["stage"], dev
+    rel = 1e-9 if dtype == torch.float64 else 1e-4
+    for key in ("stage_mean", "stage_std"):
+        assert got[key] == pytest.approx(ref[key], rel=rel, abs=rel), key

@@ -3,8 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from parity import (TOL, fast_model, fill_state_dict, filled_model, fixture_input, load_fixture, max_deviation, meta_model,
-                    original_keys, run_fixture)
+from parity import (check_fixture, fast_model, fill_state_dict, filled_model, fixture_input, meta_model, original_keys)
 from stm_dist.models import create_model
 from stm_dist.models.pvt import PvtBlock, SpatialReductionAttention
 
@@ -44,26 +43,16 @@ def test_state_dict_matches_original_and_loads_strictly(name):
     assert torch.equal(model.stages[0][0].pos_embed, original["stages.0.0.pos_embed"])
 
 
-def _check_fixture(name, dtype):
-    got, ref = run_fixture(name, dtype), load_fixture(name, dtype)
-    dev, tol = max_deviation(got, ref), TOL[dtype]
-    assert dev["logits"] <= tol["logits"], dev
-    assert dev["stage"] <= tol["stage"], dev
-    rel = 1e-9 if dtype == torch.float64 else 1e-4
-    for key in ("stage_mean", "stage_std"):
-        assert got[key] == pytest.approx(ref[key], rel=rel, abs=rel), key
-
-
 @pytest.mark.parametrize("size", ["micro", "tiny"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 def test_fixture_parity(size, dtype):
-    _check_fixture(f"unified_pvt_{size}", dtype)
+    check_fixture(f"unified_pvt_{size}", dtype)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("size", ["small", "base"])
 def test_fixture_parity_large(size):
-    _check_fixture(f"unified_pvt_{size}", torch.float64)
+    check_fixture(f"unified_pvt_{size}", torch.float64)
 
 
 @pytest.mark.parametrize("name", ["unified_pvt_micro", "unified_pvt_v2_micro"])
