@@ -123,3 +123,12 @@ def check_fixture(name: str, dtype: torch.dtype) -> None:
     rel = 1e-9 if dtype == torch.float64 else 1e-4
     for key in ("stage_mean", "stage_std"):
         assert got[key] == pytest.approx(ref[key], rel=rel, abs=rel), key
+
+
+def check_counts(name: str, params: int, features: int, entries: int = None) -> None:
+    """Spec §4: exact parameter count, pooled feature width and state-dict entry count."""
+    model = meta_model(name)
+    assert sum(p.numel() for p in model.parameters()) == params
+    assert model.num_features == features
+    if entries is not None:
+        assert len(model.state_dict()) == entries

@@ -4,7 +4,7 @@ import torch
 from torch._dynamo.backends.debugging import aot_eager
 
 import stm_dist.models.dcnv3 as dcnv3
-from parity import check_fixture, fast_model, fill_state_dict, meta_model, original_keys
+from parity import check_counts, check_fixture, fast_model, fill_state_dict, meta_model, original_keys
 from stm_dist.models import create_model
 from stm_dist.models.dcnv3 import DCNv3Block, DeformableGridAttention
 from stm_dist.ops import kernel_available, ms_deform_attn_reference
@@ -19,11 +19,7 @@ FEATURES = dict(zip(SIZES, (384, 768, 960, 1344, 1920)))
 
 @pytest.mark.parametrize("name", sorted(PARAMS))
 def test_param_count_and_feature_width(name):
-    model = meta_model(name)
-    assert sum(p.numel() for p in model.parameters()) == PARAMS[name]
-    assert model.num_features == FEATURES[name.rsplit("_", 1)[1]]
-    if name in ENTRIES:
-        assert len(model.state_dict()) == ENTRIES[name]
+    check_counts(name, PARAMS[name], FEATURES[name.rsplit("_", 1)[1]], ENTRIES.get(name))
 
 
 @pytest.mark.parametrize("name", ["unified_dcn_v3_micro", "unified_dcn_v3_tiny"])

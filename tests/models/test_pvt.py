@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from parity import (check_fixture, fast_model, fill_state_dict, filled_model, fixture_input, meta_model, original_keys)
+from parity import (check_counts, check_fixture, fast_model, fill_state_dict, filled_model, fixture_input, meta_model, original_keys)
 from stm_dist.models import create_model
 from stm_dist.models.pvt import PvtBlock, SpatialReductionAttention
 
@@ -21,11 +21,7 @@ FEATURES = {"micro": 384, "tiny": 768, "small": 768, "base": 768}
 
 @pytest.mark.parametrize("name", sorted(PARAMS))
 def test_param_count_and_feature_width(name):
-    model = meta_model(name)
-    assert sum(p.numel() for p in model.parameters()) == PARAMS[name]
-    assert model.num_features == FEATURES[name.rsplit("_", 1)[1]]
-    if name in ENTRIES:
-        assert len(model.state_dict()) == ENTRIES[name]
+    check_counts(name, PARAMS[name], FEATURES[name.rsplit("_", 1)[1]], ENTRIES.get(name))
 
 
 @pytest.mark.parametrize("name", ["unified_pvt_micro", "unified_pvt_tiny"])
