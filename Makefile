@@ -14,12 +14,13 @@ DS_ACCEL ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' 2>/dev/null)
 PYTEST_ARGS ?=
 
-.PHONY: demo test env clean-venv lock help
+.PHONY: demo test env clean-venv lock help gpu-bundle
 
 help:
 	@echo "make demo   - the main job end to end on the embedded real data set"
 	@echo "make test   - the test suite (pytest)"
 	@echo "make env    - stm-env report"
+	@echo "make gpu-bundle - DeepSpeed sdist + missing wheels for the lent GPU machine (tools/gpu_check.sh)"
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -54,3 +55,38 @@ lock:
 
 clean-venv:
 	rm -rf $(VENV) build *.egg-info stm_dist/_C*.so
+
+# ---- The lent GPU machine (tools/gpu_check.sh) -------------------------------------------------
+# That machine has no package index, torch 2.11 on Python 3.12 x86_64, and lacks DeepSpeed and
+# these of its dependencies (PLATFORM.md, the device KINDS.md list). They travel with the tree as
+# `carry: ["gpu_bundle"]`; typing_extensions rides along only in case the image's copy is older
+# than pydantic needs (pip keeps the installed one when it suffices). Versions come from the pins,
+# so the GPU runs the same DeepSpeed and pydantic as CI.
+GPU_BUNDLE := gpu_bundle
+GPU_BUNDLE_MAX_BYTES := 52428800
+GPU_PIP ?= python3 -m pip
+GPU_DS_VERSION := $(shell sed -n 's/^deepspeed==//p' requirements/deepspeed.txt)
+lock_pin = $(shell grep -i -m1 '^$(1)==' requirements/lock.txt)
+GPU_WHEELS := $(call lock_pin,hjson) $(call lock_pin,pydantic) $(call lock_pin,pydantic_core) \
+  $(call lock_pin,annotated-types) $(call lock_pin,typing-inspection) $(call lock_pin,typing_extensions)
+GPU_PLATFORMS := $(foreach n,manylinux_2_28 manylinux_2_27 manylinux_2_17 manylinux2014 manylinux1,--platform $(n)_x86_64)
+
+gpu-bundle: $(GPU_BUNDLE)/MANIFEST.txt
+
+# Rebuilt from scratch into a temporary folder: two versions of one package side by side would
+# stop the offline install there, and a half-finished download never replaces a good bundle.
+$(GPU_BUNDLE)/MANIFEST.txt: requirements/deepspeed.txt requirements/lock.txt
+	@test -n "$(GPU_DS_VERSION)" || { echo "gpu-bundle: no deepspeed==VERSION line in requirements/deepspeed.txt"; exit 1; }
+	@test $(words $(GPU_WHEELS)) -eq 6 || { echo "gpu-bundle: requirements/lock.txt lacks a pin among hjson pydantic pydantic_core annotated-types typing-inspection typing_extensions (found: $(GPU_WHEELS))"; exit 1; }
+	rm -rf $(GPU_BUNDLE).tmp && mkdir -p $(GPU_BUNDLE).tmp
+	$(GPU_PIP) download -q --no-deps --no-binary :all: -d $(GPU_BUNDLE).tmp deepspeed==$(GPU_DS_VERSION)
+	$(GPU_PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  $(GPU_PLATFORMS) -d $(GPU_BUNDLE).tmp $(GPU_WHEELS)
+	@size=$$(du -sb $(GPU_BUNDLE).tmp | cut -f1); \
+	  if [ $$size -gt $(GPU_BUNDLE_MAX_BYTES) ]; then \
+	    echo "gpu-bundle: $$size bytes is over the 50 MiB budget (64 MiB travel with the whole tree)"; \
+	    rm -rf $(GPU_BUNDLE).tmp; exit 1; fi; \
+	  echo "gpu-bundle: $$size bytes"
+	cd $(GPU_BUNDLE).tmp && sha256sum * > MANIFEST.txt
+	rm -rf $(GPU_BUNDLE) && mv $(GPU_BUNDLE).tmp $(GPU_BUNDLE)
+	@echo "gpu-bundle: $(GPU_BUNDLE)/ ready; on the GPU: bash tools/gpu_check.sh with carry [\"$(GPU_BUNDLE)\"]"
