@@ -1,0 +1,59 @@
+"""Invariance to translation, rotation (before or after the centre crop) and scale: the
+original's evaluate_invariance, exact-once over any number of processes.
+
+Per level, over all images: top-1 / top-5 against the label, consistency (% of images whose
+transformed view gets the standard view's top-1 class) and the soft cross-entropy of the
+transformed view's logits to the softmax of the standard view's (timm SoftTargetCrossEntropy).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .runner import ValImages, gather_batches, progress
+from .transforms import InvarianceViews
+
+
+def _per_image(model, views: torch.Tensor, labels: torch.Tensor) -> dict:
+    """views (B, 1 + L, 3, s, s) -> per-image arrays of shape (B, 1 + L); column 0 = standard."""
+    B, V = views.shape[:2]
+    logits = model(views.flatten(0, 1)).float().view(B, V, -1)
+    k = min(5, logits.shape[-1])
+    top = logits.topk(k, dim=-1).indices                         # (B, V, k)
+    pred = top[:, 0, 0]                                          # standard view's class
+    target = F.softmax(logits[:, 0], dim=-1)                     # (B, C)
+    loss = -(target[:, None] * F.log_softmax(logits, dim=-1)).sum(-1)
+    return {"acc1": (top[..., 0] == labels[:, None]).numpy(),
+            "acc5": (top == labels[:, None, None]).any(-1).numpy(),
+            "consistency": (top[..., 0] == pred[:, None]).numpy(),
+            "loss": loss.double().numpy()}
+
+
+@torch.no_grad()
+def run_invariance(model, data: ValImages, views: InvarianceViews, rank: int = 0) -> dict:
+    results = {}
+    with progress(data.my_images, f"invariance {views.kind}", rank) as bar:
+        for b, _, images, labels in data:
+            results[b] = _per_image(model, images, labels)
+            bar.update(len(labels))
+    parts = gather_batches(results)
+    cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    n = cols["acc1"].shape[0]
+    if n != data.num_images:
+        raise RuntimeError(f"invariance saw {n} images over all ranks, expected {data.num_images}")
+
+    def pct(a):
+        return 100.0 * int(a.sum()) / n
+
+    out_levels = []
+    for j, level in enumerate(views.levels, start=1):
+        out_levels.append({"level": level, "acc1": pct(cols["acc1"][:, j]), "acc5": pct(cols["acc5"][:, j]),
+                           "consistency": pct(cols["consistency"][:, j]),
+                           # fsum: exactly rounded, so the total does not depend on summation order
+                           "loss": math.fsum(cols["loss"][:, j].tolist()) / n})
+    return {"type": views.kind, "num_images": n,
+            "standard": {"acc1": pct(cols["acc1"][:, 0]), "acc5": pct(cols["acc5"][:, 0])},
+            "levels": out_levels}

@@ -1,0 +1,181 @@
+"""stm-analyze: the paper's analyses of a model beyond accuracy, on the validation shards.
+
+    stm-analyze invariance --type translation --model unified_swin_tiny --checkpoint swin_t.pth \\
+        --data shards/ --out analysis/swin_tiny
+    stm-analyze erf --model ... --checkpoint ... --data ... --out ... [--images 50]
+    stm-analyze robustness --model ... --checkpoint ... --data ... --out ... [--eps 0 1/255 2/255 4/255]
+
+invariance  top-1, top-5, consistency with the untransformed prediction and soft cross-entropy to
+            it, per level of translation (jitter 0..64 px step 4, 8 directions, seeded per
+            image), pre_rotation / post_rotation (0..90 deg step 5, before / after the centre
+            crop) or scale (crop ratio 0.2..1.95 step 0.125) -> OUT/invariance_<type>.json + .png
+erf         effective receptive field of the last stage over --images images
+            -> OUT/erf.json (area ratios), erf.png (log-scaled heatmap), erf_map.npy
+robustness  FGSM and PGD-l_inf (--pgd-steps, step eps/4, random start) per --eps
+            -> OUT/robustness.json + .png
+
+--checkpoint takes what stm-eval takes (our exports, a run directory or checkpoint folder, the
+original release files), or `random` for an untrained model (timing, tests). Run it plainly or
+under `torchrun` / `deepspeed` to split the images: every image counts once and the numbers
+equal the single-process run's exactly.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="stm-analyze", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="analysis", required=True, metavar="{invariance,erf,robustness}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", required=True, help="registered model name (stm_dist.models.list_models())")
+    common.add_argument("--checkpoint", required=True, help=".pth file, run directory, checkpoint folder or 'random'")
+    common.add_argument("--data", required=True, help="shard directory holding the validation split")
+    common.add_argument("--out", required=True, help="folder for the JSON result and PNG plots")
+    common.add_argument("--split", default="val")
+    common.add_argument("--img-size", type=int, default=224)
+    common.add_argument("--crop-pct", type=float, default=0.875)
+    common.add_argument("--limit", type=int, default=None, help="only the first N validation images")
+    common.add_argument("--batch", type=int, default=32, help="images per batch (the same batches on any number of processes)")
+    common.add_argument("--num-threads", type=int, default=2, help="data loader worker processes")
+    common.add_argument("--ema", action="store_true", help="the EMA weights of the checkpoint")
+    common.add_argument("--num-classes", type=int, default=None, help="default: the shard manifest's class count")
+    common.add_argument("--label-map", default=None, help="file of class indices when the head has more classes")
+    common.add_argument("--seed", type=int, default=0, help="jitter directions, PGD starts, random init")
+    common.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    inv = sub.add_parser("invariance", parents=[common], help="translation / rotation / scale invariance")
+    inv.add_argument("--type", required=True, choices=["translation", "pre_rotation", "post_rotation", "scale"])
+    erf = sub.add_parser("erf", parents=[common], help="effective receptive field of the last stage")
+    erf.add_argument("--images", type=int, default=50, help="validation images summed (default 50)")
+    rob = sub.add_parser("robustness", parents=[common], help="FGSM and PGD-l_inf accuracy vs eps")
+    rob.add_argument("--eps", nargs="+", default=None,
+                     help="l_inf budgets in pixel units of [0, 1]; fractions accepted (default 0 1/255 2/255 4/255)")
+    rob.add_argument("--pgd-steps", type=int, default=10)
+    rob.add_argument("--pgd-step-size", default=None, help="default eps/4 (a number or fraction)")
+    return p
+
+
+def run(args) -> tuple[dict, list]:
+    """Compute the analysis; on rank 0 write DIR/<name>.json and the plots. (result, files)."""
+    import numpy as np
+
+    from stm_dist.analysis import plots
+    from stm_dist.analysis.runner import AnalysisError, Normalized, ValImages, init_distributed, load_model
+    from stm_dist.data.manifest import read_manifest
+    from stm_dist.models.registry import resolve_name
+
+    if args.img_size < 8:
+        raise AnalysisError(f"--img-size must be >= 8, got {args.img_size}")
+    if not 0 < args.crop_pct <= 1:
+        raise AnalysisError(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
+    resolve_name(args.model)  # an unknown name fails before any data is read
+    eps = None
+    if args.analysis == "robustness":
+        from stm_dist.analysis.robustness import DEFAULT_EPS, parse_eps
+
+        eps = [parse_eps(e) for e in (args.eps or DEFAULT_EPS)]
+        step = None if args.pgd_step_size is None else parse_eps(args.pgd_step_size)
+    if args.analysis == "erf" and args.images < 1:
+        raise AnalysisError(f"--images must be >= 1, got {args.images}")
+    if args.checkpoint != "random" and not os.path.exists(args.checkpoint):
+        raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
+    manifest = read_manifest(args.data, args.split)
+    rank, world, device = init_distributed()
+    model = load_model(args.model, args.checkpoint, args.num_classes or int(manifest["num_classes"]),
+                       args.img_size, ema=args.ema, label_map=args.label_map, seed=args.seed)
+    model.requires_grad_(False).to(device)
+    kw = dict(batch=args.batch, rank=rank, world=world, split=args.split, num_workers=args.num_threads)
+    t0 = time.time()
+    extra_files = {}
+    if args.analysis == "invariance":
+        from stm_dist.analysis.invariance import run_invariance
+        from stm_dist.analysis.transforms import InvarianceViews
+
+        views = InvarianceViews(args.type, args.img_size, args.crop_pct, seed=args.seed)
+        data = ValImages(args.data, views, limit=args.limit, **kw)
+        result = run_invariance(model, data, views, rank)
+        name = f"invariance_{args.type}"
+    elif args.analysis == "erf":
+        from stm_dist.analysis.erf import run_erf
+        from stm_dist.data.pil_reader import val_transform
+
+        tf = val_transform(args.img_size, args.crop_pct)
+        limit = min(args.images, args.limit) if args.limit else args.images
+        data = ValImages(args.data, lambda img, i: tf(img), limit=limit, **kw)
+        result = run_erf(model, data, rank)
+        extra_files["erf_map.npy"] = result.pop("map")
+        name = "erf"
+    else:
+        from torchvision import transforms as T
+
+        from stm_dist.analysis.robustness import run_robustness
+        from stm_dist.data.pil_reader import val_transform
+
+        # the eval view without its Normalize: pixels in [0, 1]; Normalized() applies it
+        tf = T.Compose(val_transform(args.img_size, args.crop_pct).transforms[:-1])
+        data = ValImages(args.data, lambda img, i: tf(img), limit=args.limit, **kw)
+        result = run_robustness(Normalized(model).to(device), data, eps, steps=args.pgd_steps, step_size=step,
+                                seed=args.seed, rank=rank)
+        name = "robustness"
+    seconds = time.time() - t0
+    result = {"model": args.model, **result, "checkpoint": args.checkpoint, "data": os.path.abspath(args.data),
+              "img_size": args.img_size, "world_size": world, "seconds": seconds,
+              "seconds_per_image": seconds / max(1, result["num_images"])}
+    files = []
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, f"{name}.json")
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+        files.append(path)
+        png = os.path.join(args.out, f"{name}.png")
+        if name.startswith("invariance"):
+            files.append(plots.invariance_figure([result], png))
+        elif name == "erf":
+            np.save(os.path.join(args.out, "erf_map.npy"), extra_files["erf_map.npy"])
+            files += [os.path.join(args.out, "erf_map.npy"),
+                      plots.erf_figure([extra_files["erf_map.npy"]], [args.model], png)]
+        else:
+            files.append(plots.robustness_figure([result], png))
+    return result, files
+
+
+def _summary(r: dict) -> str:
+    if "levels" in r:
+        last = r["levels"][-1]
+        return (f"standard top-1 {r['standard']['acc1']:.2f}%; at level {last['level']}: top-1 {last['acc1']:.2f}%, "
+                f"consistency {last['consistency']:.2f}%")
+    if "area_ratio" in r:
+        return "area ratio " + ", ".join(f"{k}: {v:.4f}" for k, v in r["area_ratio"].items())
+    pgd = [a for a in r["attacks"] if a["attack"] == "pgd"]
+    return f"clean top-1 {r['clean_acc1']:.2f}%; PGD " + ", ".join(f"eps {a['eps'] * 255:g}/255: {a['acc1']:.2f}%"
+                                                                 for a in pgd)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from stm_dist.analysis.runner import AnalysisError
+    from stm_dist.data.manifest import ShardError
+    from stm_dist.engine.distributed import finish
+    from stm_dist.models.pretrained import CheckpointError
+
+    try:
+        r, files = run(args)
+    except KeyError as e:  # unknown model: its message is the first argument
+        print(f"stm-analyze: {e.args[0] if e.args else e}", file=sys.stderr)
+        finish(1)
+    except (FileNotFoundError, AnalysisError, ShardError, CheckpointError, ValueError, RuntimeError) as e:
+        print(f"stm-analyze: {e}", file=sys.stderr)
+        finish(1)
+    if files:
+        print(f"{r['model']} {args.analysis}: {_summary(r)} ({r['num_images']} images, {r['world_size']} "
+              f"process(es), {r['seconds']:.1f}s) -> {', '.join(files)}", flush=True)
+    finish(0)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
