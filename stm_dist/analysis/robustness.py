@@ -12,29 +12,14 @@ within eps, and the curve can only fall. `acc1_single` is the attack run at eps 
 """
 from __future__ import annotations
 
-import fractions
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from stm_dist.data.epoch_plan import epoch_seed
 
-from .runner import AnalysisError, ValImages, gather_batches, progress
-
-DEFAULT_EPS = ("0", "1/255", "2/255", "4/255")
-
-
-def parse_eps(text: str) -> float:
-    """'1/255', '0.004' or '0' -> float in [0, 1]; AnalysisError naming the value otherwise."""
-    try:
-        v = float(fractions.Fraction(text.strip()))
-    except (ValueError, ZeroDivisionError):
-        raise AnalysisError(f"--eps: {text!r} is not a number or a fraction like 1/255") from None
-    if not 0.0 <= v <= 1.0:
-        raise AnalysisError(f"--eps: {text!r} is outside [0, 1] (pixels are in [0, 1])")
-    return v
-
+from .options import AnalysisError
+from .runner import ValImages, gather_batches, progress
 
 def _grad_sign(model, x, labels):
     x = x.detach().requires_grad_(True)

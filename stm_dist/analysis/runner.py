@@ -20,9 +20,7 @@ from PIL import Image, ImageOps
 from stm_dist.data.manifest import read_manifest, shard_files
 from stm_dist.data.pil_reader import MEAN, STD, _index_entries, _ShardSamples
 
-
-class AnalysisError(ValueError):
-    """Bad input to an analysis (the message names it)."""
+from .options import AnalysisError
 
 
 def init_distributed():

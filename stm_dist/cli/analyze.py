@@ -58,31 +58,18 @@ def build_parser():
     return p
 
 
-def run(args) -> tuple[dict, list]:
+def run(args, checked: dict | None = None) -> tuple[dict, list]:
     """Compute the analysis; on rank 0 write DIR/<name>.json and the plots. (result, files)."""
     import numpy as np
 
     from stm_dist.analysis import plots
-    from stm_dist.analysis.runner import AnalysisError, Normalized, ValImages, init_distributed, load_model
-    from stm_dist.data.manifest import read_manifest
+    from stm_dist.analysis.options import check
+    from stm_dist.analysis.runner import Normalized, ValImages, init_distributed, load_model
     from stm_dist.models.registry import resolve_name
 
-    if args.img_size < 8:
-        raise AnalysisError(f"--img-size must be >= 8, got {args.img_size}")
-    if not 0 < args.crop_pct <= 1:
-        raise AnalysisError(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
-    resolve_name(args.model)  # an unknown name fails before any data is read
-    eps = None
-    if args.analysis == "robustness":
-        from stm_dist.analysis.robustness import DEFAULT_EPS, parse_eps
-
-        eps = [parse_eps(e) for e in (args.eps or DEFAULT_EPS)]
-        step = None if args.pgd_step_size is None else parse_eps(args.pgd_step_size)
-    if args.analysis == "erf" and args.images < 1:
-        raise AnalysisError(f"--images must be >= 1, got {args.images}")
-    if args.checkpoint != "random" and not os.path.exists(args.checkpoint):
-        raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
-    manifest = read_manifest(args.data, args.split)
+    checked = checked or check(args)
+    resolve_name(args.model)  # an unknown name fails before the process group starts
+    manifest, eps, step = checked["manifest"], checked.get("eps"), checked.get("step_size")
     rank, world, device = init_distributed()
     model = load_model(args.model, args.checkpoint, args.num_classes or int(manifest["num_classes"]),
                        args.img_size, ema=args.ema, label_map=args.label_map, seed=args.seed)
@@ -157,17 +144,23 @@ def _summary(r: dict) -> str:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from stm_dist.analysis.runner import AnalysisError
+    from stm_dist.analysis.options import AnalysisError, check
     from stm_dist.data.manifest import ShardError
+
+    try:  # torch-free checks first: bad input is named at once, with no process group to end
+        checked = check(args)
+    except (AnalysisError, ShardError) as e:
+        print(f"stm-analyze: {e}", file=sys.stderr)
+        return 1
     from stm_dist.engine.distributed import finish
     from stm_dist.models.pretrained import CheckpointError
 
     try:
-        r, files = run(args)
+        r, files = run(args, checked)
     except KeyError as e:  # unknown model: its message is the first argument
         print(f"stm-analyze: {e.args[0] if e.args else e}", file=sys.stderr)
         finish(1)
-    except (FileNotFoundError, AnalysisError, ShardError, CheckpointError, ValueError, RuntimeError) as e:
+    except (FileNotFoundError, CheckpointError, ValueError, RuntimeError) as e:
         print(f"stm-analyze: {e}", file=sys.stderr)
         finish(1)
     if files:

@@ -1,5 +1,6 @@
 """Fixtures of the analysis tests: the real digits as shards, a micro model whose head is fitted
 to them in closed form (seconds, not the minutes of a training run), and the CLI as a user runs it."""
+import contextlib
 import json
 import os
 import subprocess
@@ -34,15 +35,23 @@ def _free_port():
     return free()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
+@contextlib.contextmanager
+def single_thread():
     """One intra-op thread in this process: tests/conftest.py sets OMP_NUM_THREADS only after
     torch is imported, so torch starts with one thread per core, and on a busy 2-core box the
     two threads' hand-offs made these tests ~10x slower."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    with single_thread():
+        yield
 
 
 def read_json(path):
@@ -57,9 +66,10 @@ def digits_shards(tmp_path_factory):
     from data_tools.writer import create_shards
 
     root = tmp_path_factory.mktemp("digits")
-    write_demo_source(str(root / "source"), size=32)
-    for split in ("train", "val"):
-        create_shards(str(root / "source"), split, str(root / "shards"), samples_per_shard=400, progress=False)
+    with single_thread():
+        write_demo_source(str(root / "source"), size=32)
+        for split in ("train", "val"):
+            create_shards(str(root / "source"), split, str(root / "shards"), samples_per_shard=400, progress=False)
     return str(root / "shards")
 
 
@@ -68,6 +78,11 @@ def fitted(digits_shards, tmp_path_factory):
     """(model, checkpoint path): a random-init micro model whose classifier is fitted by ridge
     regression on 400 training digits, so its predictions mean something (well above chance)
     and attacks have something to break."""
+    with single_thread():
+        return _fit(digits_shards, tmp_path_factory)
+
+
+def _fit(digits_shards, tmp_path_factory):
     from stm_dist.analysis.runner import ValImages
     from stm_dist.data.pil_reader import val_transform
     from stm_dist.models import create_model

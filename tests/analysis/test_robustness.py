@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from stm_dist.analysis.robustness import parse_eps, pgd, run_robustness
-from stm_dist.analysis.runner import AnalysisError, Normalized, ValImages
+from stm_dist.analysis.options import AnalysisError, parse_eps
+from stm_dist.analysis.robustness import pgd, run_robustness
+from stm_dist.analysis.runner import Normalized, ValImages
 from stm_dist.data.pil_reader import val_transform
 
 
