@@ -3,11 +3,16 @@
     stm-report runs/paper -o report/
 
 Finds every run directory under RUNS_DIR (config.yaml + metrics.jsonl, as stm-train writes
-them) and writes report/report.md (sizes x mixers table with the paper's published top-1, then
-one row per run), report/report.json and three PNG plots (top-1 vs GFLOPs, top-1 vs
-parameters, images/s per mixer).
+them) and writes report/report.md (sizes x mixers table with the paper's published top-1 for
+runs on ImageNet-1k, then one row per run with its data set), report/report.json and three PNG
+plots (top-1 vs GFLOPs, top-1 vs parameters, images/s per mixer).
+
+stm-analyze outputs (invariance_*.json, erf.json, robustness.json) found under RUNS_DIR, or
+under --analyses DIR, add the paper's comparison of the mixers: one figure per analysis with
+the models side by side, and their numbers in report.md and report.json.
 """
 import argparse
+import os
 import sys
 
 
@@ -16,6 +21,8 @@ def build_parser():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs_dir", help="folder holding run directories (searched recursively)")
     p.add_argument("-o", "--out", default="report", help="output folder (default: report/)")
+    p.add_argument("--analyses", default=None,
+                   help="folder of stm-analyze outputs (searched recursively; default: RUNS_DIR)")
     p.add_argument("--no-complexity", action="store_true",
                    help="skip building each model to count parameters and GFLOPs")
     return p
@@ -24,13 +31,22 @@ def build_parser():
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from stm_dist.report import ReportError, collect_runs, write_report
+    from stm_dist.report.analyses import collect_analyses
 
+    analyses = collect_analyses(args.analyses or args.runs_dir)
+    has_analyses = any(analyses[k] for k in analyses)
+    if args.analyses and not os.path.isdir(args.analyses):
+        print(f"stm-report: analyses directory not found: {args.analyses}", file=sys.stderr)
+        return 2
     try:
         runs = collect_runs(args.runs_dir, count_complexity=not args.no_complexity)
     except ReportError as e:
-        print(f"stm-report: {e}", file=sys.stderr)
-        return 2
-    paths = write_report(runs, args.out, source=args.runs_dir)
+        # a folder of analyses alone is a report too; anything else wrong is an error
+        if not (has_analyses and str(e).startswith("no run directories")):
+            print(f"stm-report: {e}", file=sys.stderr)
+            return 2
+        runs = []
+    paths = write_report(runs, args.out, source=args.runs_dir, analyses=analyses if has_analyses else None)
     for r in runs:
         if r.evals == 0:
             print(f"stm-report: note: {r.name} has no evaluation yet (status {r.status})", file=sys.stderr)

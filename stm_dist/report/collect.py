@@ -50,7 +50,9 @@ class RunSummary:
     world_size: int | None
     zero_stage: int | None
     precision: str | None
-    paper_top1: float | None
+    dataset: str                 # what the run was evaluated on, from its shards' manifest
+    imagenet1k: bool             # the 1000-class, 50,000-image ImageNet-1k val set
+    paper_top1: float | None     # the paper's ImageNet-1k number; only for ImageNet-1k runs
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -124,6 +126,29 @@ def _best(evals: dict, key: str):
     return max(vals) if vals else None
 
 
+IMAGENET1K_VAL = (1000, 50000)  # classes, validation images
+
+
+def dataset_of(cfg: dict) -> tuple[str, bool]:
+    """(label, is ImageNet-1k) of a run's validation data, from its shards' manifest. The
+    paper's numbers are top-1 on the full ImageNet-1k val set, so only a 1000-class,
+    50,000-image val split counts as comparable."""
+    from stm_dist.data.manifest import ShardError, read_manifest
+
+    data = cfg.get("data") or {}
+    shards = data.get("val_shards") or data.get("train_shards") or ""
+    try:
+        man = read_manifest(shards, "val")
+    except (ShardError, OSError, TypeError) as e:
+        return f"unknown ({e})", False
+    classes, samples = int(man["num_classes"]), int(man["num_samples"])
+    if (classes, samples) == IMAGENET1K_VAL:
+        return "ImageNet-1k", True
+    root = str((man.get("source") or {}).get("root") or shards).rstrip("/")
+    where = "/".join(root.split("/")[-2:])
+    return f"{classes} classes, {samples} val images ({where})", False
+
+
 def summarize(run_dir: str, root: str, count_complexity: bool = True) -> RunSummary:
     cfg_path = os.path.join(run_dir, "config.yaml")
     try:
@@ -143,6 +168,7 @@ def summarize(run_dir: str, root: str, count_complexity: bool = True) -> RunSumm
         params, gflops = _complexity(model, num_classes, cfg_path)
     marker = _newest_marker(run_dir)
     ms = paper.mixer_and_size(model)
+    dataset, in1k = dataset_of(cfg)
     return RunSummary(
         name=os.path.relpath(run_dir, root), run_dir=run_dir, model=model,
         mixer=ms[0] if ms else None, size=ms[1] if ms else None,
@@ -155,7 +181,8 @@ def summarize(run_dir: str, root: str, count_complexity: bool = True) -> RunSumm
         best_top1_ema=_best(evals, "top1_ema"), best_top5_ema=_best(evals, "top5_ema"),
         img_s=statistics.median(speeds) if speeds else None, params=params, gflops=gflops,
         world_size=marker.get("world_size"), zero_stage=marker.get("zero_stage"),
-        precision=marker.get("precision"), paper_top1=paper.paper_top1(model),
+        precision=marker.get("precision"), dataset=dataset, imagenet1k=in1k,
+        paper_top1=paper.paper_top1(model) if in1k else None,
     )
 
 

@@ -20,9 +20,11 @@ def _plt():
 
 
 def _group(runs: list[RunSummary]) -> dict[str, list[RunSummary]]:
+    """Runs by mixer and data set: every line says what it was trained and evaluated on, and
+    only ImageNet-1k runs carry the paper's points (paper_top1 is None for the others)."""
     groups: dict[str, list[RunSummary]] = {}
     for r in runs:
-        groups.setdefault(paper.MIXER_TITLES.get(r.mixer, r.model), []).append(r)
+        groups.setdefault(f"{paper.MIXER_TITLES.get(r.mixer, r.model)} [{r.dataset}]", []).append(r)
     return groups
 
 

@@ -15,6 +15,7 @@ DASH = "–"
 RUN_COLUMNS = [
     ("run", "name", "{}"),
     ("model", "model", "{}"),
+    ("data", "dataset", "{}"),
     ("status", "status", "{}"),
     ("steps", "steps", "{}"),
     ("final loss", "final_loss", "{:.4f}"),
@@ -41,11 +42,11 @@ def _value(run: RunSummary, attr):
 
 
 def paper_table(runs: list[RunSummary]) -> list[str]:
-    """Rows = sizes, columns = mixers, as in the paper. When a cell has several runs (a grid
-    sweep), the best one is shown and the count noted."""
+    """Rows = sizes, columns = mixers, as in the paper; only ImageNet-1k runs sit next to its
+    numbers. When a cell has several runs (a grid sweep), the best one is shown and the count noted."""
     cells: dict[tuple, list[RunSummary]] = {}
     for r in runs:
-        if r.mixer:
+        if r.mixer and r.imagenet1k:
             cells.setdefault((r.size, r.mixer), []).append(r)
     lines = ["| size | " + " | ".join(paper.MIXER_TITLES[m] for m in paper.MIXERS) + " |",
              "|---|" + "---|" * len(paper.MIXERS)]
@@ -62,6 +63,14 @@ def paper_table(runs: list[RunSummary]) -> list[str]:
     return lines
 
 
+def _other_data_note(runs: list[RunSummary]) -> list[str]:
+    other = sorted({r.dataset for r in runs if not r.imagenet1k})
+    if not other:
+        return []
+    n = sum(1 for r in runs if not r.imagenet1k)
+    return [f"{n} run(s) on other data, not compared with the paper: " + "; ".join(other) + ".", ""]
+
+
 def runs_table(runs: list[RunSummary]) -> list[str]:
     lines = ["| " + " | ".join(h for h, _, _ in RUN_COLUMNS) + " |",
              "|" + "---|" * len(RUN_COLUMNS)]
@@ -70,10 +79,14 @@ def runs_table(runs: list[RunSummary]) -> list[str]:
     return lines
 
 
-def write_report(runs: list[RunSummary], out_dir: str, source: str = "") -> dict:
-    """Write report.md, report.json and the PNG plots; return their paths."""
+def write_report(runs: list[RunSummary], out_dir: str, source: str = "", analyses: dict | None = None) -> dict:
+    """Write report.md, report.json and the PNG plots; return their paths. `analyses`: what
+    report.analyses.collect_analyses found (stm-analyze outputs), compared side by side."""
+    from .analyses import analyses_json, analyses_markdown, write_analysis_figures
+
     os.makedirs(out_dir, exist_ok=True)
-    pngs = write_plots(runs, out_dir)
+    pngs = write_plots(runs, out_dir) if runs else []
+    analysis_pngs = write_analysis_figures(analyses, out_dir) if analyses else []
     md = [
         "# Spatial token mixers: comparison report",
         "",
@@ -82,13 +95,14 @@ def write_report(runs: list[RunSummary], out_dir: str, source: str = "") -> dict
         "",
         "## Top-1 by size and mixer (the paper's layout)",
         "",
-        "Each cell: our best top-1 (%) over all evaluations, live or EMA weights / the paper's "
-        "published ImageNet-1k top-1 (224 px, 300 epochs). Our numbers are only comparable to "
-        "the paper's for full ImageNet-1k runs of the recipe; check the data and steps of each run "
-        "below.",
+        "Each cell: our best top-1 (%) over all evaluations, live or EMA weights, of runs "
+        "evaluated on the ImageNet-1k val set (1000 classes, 50,000 images) / the paper's "
+        "published ImageNet-1k top-1 (224 px, 300 epochs). Runs on other data are never put "
+        "next to the paper's numbers; they are listed below with their data set.",
         "",
         *paper_table(runs),
         "",
+        *_other_data_note(runs),
         "## All runs",
         "",
         "top-1/top-5: the last evaluation; best: over all evaluations. Parameters and GFLOPs are "
@@ -102,11 +116,15 @@ def write_report(runs: list[RunSummary], out_dir: str, source: str = "") -> dict
         "",
         *[f"![{os.path.splitext(os.path.basename(p))[0]}]({os.path.basename(p)})" for p in pngs],
         "",
+        *(analyses_markdown(analyses, analysis_pngs) if analyses else []),
     ]
     md_path = os.path.join(out_dir, "report.md")
     with open(md_path, "w") as f:
         f.write("\n".join(md))
     json_path = os.path.join(out_dir, "report.json")
     with open(json_path, "w") as f:
-        json.dump({"source": source, "runs": [r.to_dict() for r in runs]}, f, indent=1)
-    return {"markdown": md_path, "json": json_path, "plots": pngs}
+        out = {"source": source, "runs": [r.to_dict() for r in runs]}
+        if analyses:
+            out["analyses"] = analyses_json(analyses)
+        json.dump(out, f, indent=1)
+    return {"markdown": md_path, "json": json_path, "plots": pngs + analysis_pngs}

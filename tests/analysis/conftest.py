@@ -12,21 +12,28 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODEL = "unified_convnext_micro"
+SECOND = "unified_swin_micro"  # a second mixer for the report's side-by-side figures
+HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "analyze_many.py")
 
 
-def run_analyze(*args, nproc: int = 1, timeout: int = 240):
-    """`python -m stm_dist.cli.analyze ARGS` (or under torchrun with `nproc` processes)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+def launch(args, nproc: int = 1, timeout: int = 300):
+    """`python ARGS`, or `torchrun --nproc_per_node N ARGS` (gloo on the CPU), with one thread per
+    process as the CI box needs."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=REPO,
                PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     env.pop("RANK", None), env.pop("WORLD_SIZE", None)
     if nproc > 1:
-        torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-        cmd = [torchrun, "--nproc_per_node", str(nproc), "--master_port", str(_free_port()),
-               "-m", "stm_dist.cli.analyze"]
+        prefix = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", str(nproc),
+                  "--master_port", str(_free_port())]
     else:
-        cmd = [sys.executable, "-m", "stm_dist.cli.analyze"]
-    return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, env=env, cwd=REPO,
+        prefix = [sys.executable]
+    return subprocess.run(prefix + [str(a) for a in args], capture_output=True, text=True, env=env, cwd=REPO,
                           timeout=timeout)
+
+
+def run_analyze(*args):
+    """stm-analyze as a user runs it (the console script needs a reinstall; the module does not)."""
+    return launch(["-m", "stm_dist.cli.analyze", *args])
 
 
 def _free_port():
@@ -120,3 +127,29 @@ def real_images():
         photos = [skimage.data.chelsea(), skimage.data.astronaut(), skimage.data.coffee()]
     sizes = [(91, 60), (64, 64), (75, 111)]  # (width, height): landscape, square, portrait
     return [Image.fromarray(np.ascontiguousarray(p[..., :3])).resize(s, Image.BICUBIC) for p, s in zip(photos, sizes)]
+
+
+def _many(argvs, nproc):
+    proc = launch([HELPER, json.dumps(argvs)], nproc)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _argvs(shards, ckpt, out, model=MODEL):
+    # 13 / 11 / 7 images in batches of 4: odd counts, a short last batch, 2 ranks with unequal work
+    common = ["--model", model, "--checkpoint", ckpt, "--data", shards, "--img-size", "32", "--batch", "4",
+              "--num-threads", "0"]
+    return [["invariance", "--type", "translation", "--limit", "13", "--out", out] + common,
+            ["erf", "--images", "11", "--out", out] + common,
+            ["robustness", "--limit", "7", "--pgd-steps", "2", "--out", out] + common]
+
+
+@pytest.fixture(scope="session")
+def outputs(digits_shards, fitted, tmp_path_factory):
+    """The three analyses on the fitted model, 1 process and 2 processes, plus a second mixer
+    (random init, 1 process) for the report."""
+    root = tmp_path_factory.mktemp("analyses")
+    one, two = str(root / "one" / MODEL), str(root / "two" / MODEL)
+    _many(_argvs(digits_shards, fitted[1], one) + _argvs(digits_shards, "random", str(root / "one" / SECOND), SECOND), 1)
+    _many(_argvs(digits_shards, fitted[1], two), 2)
+    return {"root": str(root / "one"), "one": one, "two": two}

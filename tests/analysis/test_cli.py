@@ -1,16 +1,10 @@
 """stm-analyze as a user runs it: bad input in one line, the outputs, and 2 processes (torchrun,
 gloo) giving exactly the 1-process numbers with every image counted once."""
-import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from conftest import MODEL, REPO, read_json, run_analyze
-
-HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "analyze_many.py")
-SECOND = "unified_swin_micro"  # a second mixer for the report's side-by-side figures
+from conftest import MODEL, read_json, run_analyze
 
 
 def test_help_explains_the_three_analyses():
@@ -38,42 +32,6 @@ def test_bad_input_is_one_clear_line(args, message, digits_shards, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("stm-analyze: ") and message in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
-
-
-def _many(argvs, nproc):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
-    env.pop("RANK", None), env.pop("WORLD_SIZE", None)
-    if nproc > 1:
-        from stm_dist.engine.distributed import _free_port
-
-        cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", str(nproc),
-               "--master_port", str(_free_port()), HELPER]
-    else:
-        cmd = [sys.executable, HELPER]
-    proc = subprocess.run(cmd + [json.dumps(argvs)], capture_output=True, text=True, env=env, cwd=REPO,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
-
-
-def _argvs(shards, ckpt, out, model=MODEL):
-    # 13 / 11 / 7 images in batches of 4: odd counts, a short last batch, 2 ranks with unequal work
-    common = ["--model", model, "--checkpoint", ckpt, "--data", shards, "--img-size", "32", "--batch", "4",
-              "--num-threads", "0"]
-    return [["invariance", "--type", "translation", "--limit", "13", "--out", out] + common,
-            ["erf", "--images", "11", "--out", out] + common,
-            ["robustness", "--limit", "7", "--pgd-steps", "2", "--out", out] + common]
-
-
-@pytest.fixture(scope="module")
-def outputs(digits_shards, fitted, tmp_path_factory):
-    """The three analyses on the fitted model, 1 process and 2 processes, plus a second mixer
-    (random init, 1 process) for the report."""
-    root = tmp_path_factory.mktemp("analyses")
-    one, two = str(root / "one" / MODEL), str(root / "two" / MODEL)
-    _many(_argvs(digits_shards, fitted[1], one) + _argvs(digits_shards, "random", str(root / "one" / SECOND), SECOND), 1)
-    _many(_argvs(digits_shards, fitted[1], two), 2)
-    return {"root": str(root / "one"), "one": one, "two": two}
 
 
 def _strip(r):
