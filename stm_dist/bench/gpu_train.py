@@ -162,6 +162,14 @@ def _free(device):
         torch.cuda.empty_cache()
 
 
+def _row(model_name, mode, args, error=None, skipped=None) -> dict:
+    return {"model": model_name, "mode": mode, "batch": args.batch, "img_size": args.img_size,
+            "precision": args.precision, "zero_stage": None if mode == "plain" else args.zero_stage,
+            "img_per_s": None, "img_per_s_rounds": [], "step_ms": None, "peak_mib": None,
+            "first_step_s": None, "warmup_s": None, "build_s": None, "case_s": None, "loss": None,
+            "error": error, "skipped": skipped}
+
+
 def run_group(model_name, modes, args, device) -> list:
     """Build each mode's runner (warm-up and peak memory one at a time), then interleaved timing."""
     import torch
@@ -170,11 +178,7 @@ def run_group(model_name, modes, args, device) -> list:
     batches = _batches(args, device)
     rows, runners = [], {}
     for mode in modes:
-        row = {"model": model_name, "mode": mode, "batch": args.batch, "img_size": args.img_size,
-               "precision": args.precision, "zero_stage": None if mode == "plain" else args.zero_stage,
-               "img_per_s": None, "img_per_s_rounds": [], "step_ms": None, "peak_mib": None,
-               "first_step_s": None, "warmup_s": None, "build_s": None, "case_s": None, "loss": None,
-               "error": None}
+        row = _row(model_name, mode, args)
         rows.append(row)
         try:
             _free(device)
@@ -341,30 +345,43 @@ def run(args) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
+    engine_error = None
     if any(m != "plain" for m in modes):
-        from stm_dist.engine.distributed import init
+        try:
+            from stm_dist.engine.distributed import init
 
-        init()  # a world of one; DeepSpeed's process group (nccl on the GPU, gloo on CPU)
+            init()  # a world of one; DeepSpeed's process group (nccl on the GPU, gloo on CPU)
+        except Exception as e:  # no DeepSpeed (the bundle install failed): still measure the baseline
+            engine_error = f"engine unavailable: {type(e).__name__}: {e}".splitlines()[0][:300]
+            traceback.print_exc()
     meta = _meta(args, device)
     rows, seen = [], {}
     compile_models = {m.strip() for m in args.compile_models.split(",")}
-    for model_name, group in _plan(models, modes, compile_models):
+    queue = _plan(models, modes, compile_models)
+    while queue:
+        model_name, group = queue.pop(0)
         left = args.budget_s - (time.perf_counter() - t_start) if args.budget_s else math.inf
         need = _predict(group, seen)
-        if need > left:
-            rows += [{"model": model_name, "mode": m, "img_per_s": None, "img_per_s_rounds": [], "step_ms": None,
-                      "peak_mib": None, "first_step_s": None, "loss": None, "error": None,
-                      "skipped": f"budget: {left:.0f} s left, ~{need:.0f} s needed"} for m in group]
-            print(f"[gpu_train] skip {model_name} {group}: ~{need:.0f} s needed, {left:.0f} s left", flush=True)
-        else:
-            got = run_group(model_name, group, args, device)
+        if need > left and "engine_compile" in group and len(group) > 1:
+            # The eager pair matters for every mixer: run it now, the compile case at the end.
+            queue.insert(0, (model_name, [m for m in group if m != "engine_compile"]))
+            later = [i for i, (_, g) in enumerate(queue) if g == ["engine_compile"]]
+            queue.insert(later[0] if later else len(queue), (model_name, ["engine_compile"]))
+            continue
+        run_now = [m for m in group if m == "plain"] if engine_error else group
+        if run_now and need > left:
+            rows += [_row(model_name, m, args, skipped=f"budget: {left:.0f} s left, ~{need:.0f} s needed")
+                     for m in run_now]
+            print(f"[gpu_train] skip {model_name} {run_now}: ~{need:.0f} s needed, {left:.0f} s left", flush=True)
+        elif run_now:
+            got = run_group(model_name, run_now, args, device)
             for r in got:
                 seen.setdefault(r["mode"], []).append(r["case_s"])
-            rows += got
-            for r in got:
                 print(f"[gpu_train] {r['model']:24s} {r['mode']:15s} img/s {_cell(r['img_per_s']):>9s}  "
                       f"peak MiB {_cell(r['peak_mib']):>8s}  first step {r['first_step_s'] or 0:.1f} s  "
                       f"{r['error'] or ''}", flush=True)
+            rows += got
+        rows += [_row(model_name, m, args, error=engine_error) for m in group if m not in run_now]
         _write(args, meta, rows)
     print(markdown(meta, rows), flush=True)
     return 1 if any(r.get("error") for r in rows) else 0
