@@ -56,6 +56,9 @@ else
   export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
   # The image defaults to 9.0a; plain sm_90 is what the wheel users' cards run (PLATFORM.md).
   export TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16
+  # Nothing outside that machine answers: a pip that tries (self-update check, an index) would
+  # sit in its retries until the phase's limit.
+  export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
 fi
 [ -x "$(command -v "$PY")" ] || { echo "gpu_check.sh: no python at '$PY'"; exit 2; }
 
