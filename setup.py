@@ -117,6 +117,7 @@ setup(
             "stm-eval=stm_dist.cli.eval:main",
             "stm-export=stm_dist.cli.export:main",
             "stm-bench=stm_dist.cli.bench:main",
+            "stm-analyze=stm_dist.cli.analyze:main",
         ]
     },
 )

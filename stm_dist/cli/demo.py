@@ -3,6 +3,11 @@
 digits (scikit-learn) -> ImageNet layout -> shards -> 2-process DeepSpeed training (the real
 `deepspeed` launcher) -> export of the consolidated weights -> stm-eval of the export -> top-1.
 Every stage runs the same command a user would; the demo only strings them together.
+
+`--compare` (make compare): the paper's study in miniature on the same data: the five micro
+mixers trained the same way (fewer epochs), each analysed with stm-analyze (invariance,
+effective receptive field, adversarial robustness; a few dozen images each), then one stm-report
+with the mixers side by side. Its output lands in runs/compare/report/.
 """
 import argparse
 import os
@@ -42,8 +47,15 @@ def main(argv=None) -> int:
     p.add_argument("--procs", type=int, default=2, help="training processes")
     p.add_argument("--keep", action="store_true", help="reuse an earlier demo's data and run (resumes)")
     p.add_argument("--min-top1", type=float, default=97.0, help="fail below this validation top-1")
+    p.add_argument("--compare", action="store_true",
+                   help="train the five micro mixers, analyse each and write the comparison report")
+    p.add_argument("--compare-epochs", type=int, default=6, help="training epochs per mixer with --compare")
+    p.add_argument("--analysis-images", type=int, default=30,
+                   help="validation images per analysis with --compare (robustness uses half)")
     p.add_argument("overrides", nargs="*", help="extra section.key=value for the training config")
     a = p.parse_args(argv)
+    if a.compare and a.out == p.get_default("out"):
+        a.out = os.path.join(REPO_ROOT, "runs", "compare")
     out = os.path.abspath(a.out)
     if os.path.isdir(out) and not a.keep:
         shutil.rmtree(out)
@@ -63,14 +75,9 @@ def main(argv=None) -> int:
                   f"shard the {split} split", env)
     times["shards"] = t
 
-    config = os.path.join(REPO_ROOT, "configs", "demo_digits.yaml")
-    overrides = [f"data.train_shards={shards}", f"data.val_shards={shards}", f"run.out_dir={run_dir}"] + a.overrides
-    launcher = os.path.join(os.path.dirname(py), "deepspeed")
-    if not os.path.exists(launcher):
-        launcher = shutil.which("deepspeed") or "deepspeed"
-    times["train"] = _run([launcher, "--num_accelerators", str(a.procs), "--master_port", str(_port()),
-                           "--module", "stm_dist.cli.train", "--config", config] + overrides,
-                          f"train with DeepSpeed on {a.procs} processes", env)
+    if a.compare:
+        return _compare(a, out, shards, env, times, t_all)
+    times["train"] = _train(a, shards, env, run_dir, a.overrides)
     times["export"] = _run([py, "-m", "stm_dist.cli.export", run_dir, "-o", model_path], "export the weights", env)
     result = os.path.join(out, "eval.json")
     times["eval"] = _run([py, "-m", "stm_dist.cli.eval", "--model", "unified_convnext_micro",
@@ -89,6 +96,64 @@ def main(argv=None) -> int:
     if r["top1"] < a.min_top1:
         print(f"demo: top-1 {r['top1']:.2f}% is below the expected {a.min_top1}%", file=sys.stderr)
         return 1
+    return 0
+
+
+def _train(a, shards: str, env: dict, run_dir: str, overrides: list, what: str = "") -> float:
+    """stm-train of configs/demo_digits.yaml under the real `deepspeed` launcher."""
+    py = sys.executable
+    config = os.path.join(REPO_ROOT, "configs", "demo_digits.yaml")
+    overrides = [f"data.train_shards={shards}", f"data.val_shards={shards}", f"run.out_dir={run_dir}"] + overrides
+    launcher = os.path.join(os.path.dirname(py), "deepspeed")
+    if not os.path.exists(launcher):
+        launcher = shutil.which("deepspeed") or "deepspeed"
+    return _run([launcher, "--num_accelerators", str(a.procs), "--master_port", str(_port()),
+                 "--module", "stm_dist.cli.train", "--config", config] + overrides,
+                what or f"train with DeepSpeed on {a.procs} processes", env)
+
+
+MIXERS = ("halo", "pvt", "swin", "convnext", "dcn_v3")
+
+
+def _compare(a, out: str, shards: str, env: dict, times: dict, t_all: float) -> int:
+    """Train the five micro mixers, analyse each, write one report with them side by side."""
+    import json
+
+    py = sys.executable
+    n = max(2, a.analysis_images)
+    times.update(train=0.0, export=0.0, analyses=0.0)
+    for mixer in MIXERS:
+        model = f"unified_{mixer}_micro"
+        run_dir, path = os.path.join(out, "train", model), os.path.join(out, "models", f"{model}.pth")
+        times["train"] += _train(a, shards, env, run_dir, [f"model.name={model}", f"schedule.epochs={a.compare_epochs}"]
+                                 + a.overrides, f"train {model} with DeepSpeed on {a.procs} processes")
+        times["export"] += _run([py, "-m", "stm_dist.cli.export", run_dir, "-o", path], f"export {model}", env)
+        common = ["--model", model, "--checkpoint", path, "--data", shards, "--img-size", "32", "--batch", "16",
+                  "--num-threads", "0", "--out", os.path.join(out, "analyses", model)]
+        # small budgets keep the five analyses inside the demo's minutes: the image counts, and
+        # 5 PGD steps instead of the tool's default 10
+        for what, extra in (("invariance (translation)", ["invariance", "--type", "translation", "--limit", str(n)]),
+                            ("effective receptive field", ["erf", "--images", str(n)]),
+                            ("FGSM / PGD robustness", ["robustness", "--limit", str(n // 2), "--pgd-steps", "5"])):
+            # one process: on 2 cores a second one saves less compute than its start-up costs
+            times["analyses"] += _run([py, "-m", "stm_dist.cli.analyze"] + extra + common, f"{model}: {what}", env)
+    report = os.path.join(out, "report")
+    times["report"] = _run([py, "-m", "stm_dist.cli.report", os.path.join(out, "train"), "--analyses",
+                            os.path.join(out, "analyses"), "-o", report], "the comparison report", env)
+    with open(os.path.join(report, "report.json")) as f:
+        r = json.load(f)
+    erf = {e["model"]: e["area_ratio"]["0.5"] for e in r["analyses"]["erf"]}
+    pgd = {e["model"]: next((x["acc1"] for x in e["attacks"] if x["attack"] == "pgd" and x["eps"] > 0), None)
+           for e in r["analyses"]["robustness"]}
+    print("\n=== comparison (digits, micro models; not ImageNet-1k: the paper's numbers are not comparable)")
+    for run in sorted(r["runs"], key=lambda x: MIXERS.index(x["mixer"]) if x["mixer"] in MIXERS else 9):
+        top1 = run["best_top1_ema"] if run["best_top1_ema"] is not None else run["best_top1"]
+        p = pgd.get(run["model"])
+        print(f"  {run['model']:24s} top-1 {top1 if top1 is not None else float('nan'):6.2f}%  "
+              f"ERF 50% area {erf.get(run['model'], float('nan')):.3f}  PGD 1/255 top-1 "
+              f"{p if p is not None else float('nan'):.2f}%")
+    print("  " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()) + f", total {time.time() - t_all:.0f}s")
+    print(f"  report: {os.path.join(report, 'report.md')}")
     return 0
 
 
