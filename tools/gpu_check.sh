@@ -163,6 +163,12 @@ for line in open(phases_tsv):
 bench = None
 if os.path.exists(os.path.join(out, "gpu_train.json")):
     bench = json.load(open(os.path.join(out, "gpu_train.json")))
+    rows = bench["rows"]
+    for p in phases:
+        if p["phase"] == "bench":
+            p["summary"] = (f"{sum(1 for r in rows if r['img_per_s'])} cases measured, "
+                            f"{sum(1 for r in rows if r.get('error'))} failed, "
+                            f"{sum(1 for r in rows if r.get('skipped'))} skipped for time")
 md = ["# GPU check" + (" (dry run on CPU: micro model, tiny sizes; numbers mean nothing)" if dry else ""), "",
       "| phase | status | s | summary | log |", "|---|---|---|---|---|"]
 md += [f"| {p['phase']} | {p['status']} | {p['seconds']} | {p['summary'].replace('|', '/')} | {p['log']} |" for p in phases]
