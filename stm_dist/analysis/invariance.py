@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .runner import ValImages, gather_batches, progress
+from .runner import ValImages, gather_per_image, progress
 from .transforms import InvarianceViews
 
 
@@ -39,11 +38,8 @@ def run_invariance(model, data: ValImages, views: InvarianceViews, rank: int = 0
         for b, _, images, labels in data:
             results[b] = _per_image(model, images, labels)
             bar.update(len(labels))
-    parts = gather_batches(results)
-    cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    n = cols["acc1"].shape[0]
-    if n != data.num_images:
-        raise RuntimeError(f"invariance saw {n} images over all ranks, expected {data.num_images}")
+    cols = gather_per_image(results, data.num_images, "invariance")
+    n = data.num_images
 
     def pct(a):
         return 100.0 * int(a.sum()) / n

@@ -12,14 +12,13 @@ within eps, and the curve can only fall. `acc1_single` is the attack run at eps 
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from stm_dist.data.epoch_plan import epoch_seed
 
 from .options import AnalysisError
-from .runner import ValImages, gather_batches, progress
+from .runner import ValImages, gather_per_image, progress
 
 def _grad_sign(model, x, labels):
     x = x.detach().requires_grad_(True)
@@ -64,11 +63,8 @@ def run_robustness(model, data: ValImages, eps_list: list[float], *, steps: int 
                 r[("pgd", k)] = _correct(model, adv, labels)
             results[b] = r
             bar.update(len(labels))
-    parts = gather_batches(results)
-    cols = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
-    n = cols["clean"].shape[0]
-    if n != data.num_images:
-        raise RuntimeError(f"robustness saw {n} images over all ranks, expected {data.num_images}")
+    cols = gather_per_image(results, data.num_images, "robustness")
+    n = data.num_images
     attacks = []
     for name in ("fgsm", "pgd"):
         robust = cols["clean"].copy()

@@ -130,6 +130,19 @@ def gather_batches(results: dict) -> list:
     return [merged[b] for b in sorted(merged)]
 
 
+def gather_per_image(results: dict, expected: int, what: str) -> dict:
+    """{batch id: {key: per-image array}} of every rank -> {key: array over all images, in image
+    order}; an error unless each of the `expected` images is there exactly once."""
+    import numpy as np
+
+    parts = gather_batches(results)
+    cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    n = len(next(iter(cols.values())))
+    if n != expected:
+        raise RuntimeError(f"{what} saw {n} images over all ranks, expected {expected}")
+    return cols
+
+
 def progress(total: int, desc: str, rank: int):
     """A tqdm bar on rank 0 (stderr), silent on the other ranks."""
     from tqdm import tqdm
