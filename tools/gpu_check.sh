@@ -126,8 +126,11 @@ wait
 GPU_TESTS=$(grep -rl --include='test_*.py' -E 'mark\.gpu' tests | grep -v '^tests/ops/' | sort | tr '\n' ' ')
 PYTEST="'$PY' -m pytest -q -p no:cacheprovider --continue-on-collection-errors"
 [ $DRY = 1 ] && PYTEST="$PYTEST --collect-only"
+# The loader's GPU tests need DALI, which the GPU image lacks and whose wheel cannot travel.
+NO_DALI=$(echo "$GPU_TESTS" | tr ' ' '\n' | grep -v '^tests/data/' | tr '\n' ' ')
 phase tests_gpu tests.log $(( $(left) - 150 > 90 ? 90 : $(left) - 150 )) \
-  "$PYTEST -m gpu tests/ops $GPU_TESTS; r1=\$?; $PYTEST tests/ops/test_input_checks.py; r2=\$?; exit \$(( r1 > r2 ? r1 : r2 ))"
+  "if '$PY' -c 'import nvidia.dali' 2>/dev/null; then T='$GPU_TESTS'; else T='$NO_DALI'; echo 'no DALI here: tests/data left out'; fi
+   $PYTEST -m gpu tests/ops \$T; r1=\$?; $PYTEST tests/ops/test_input_checks.py; r2=\$?; exit \$(( r1 > r2 ? r1 : r2 ))"
 
 # ---- e: the benchmark ----------------------------------------------------------------------
 BENCH_ARGS="--json '$OUT_DIR/gpu_train.json' --md '$WORK/gpu_train.md'"
