@@ -1,9 +1,11 @@
-"""`stm-bench train`: optimizer steps/s of the DeepSpeed engine (ZeRO 0-3) against a plain torch
-DDP loop on the same model and the same batches, N processes each, real launcher.
+"""`stm-bench train`: optimizer steps/s of our engine (stm_dist.engine.step, DeepSpeed ZeRO 0-3)
+against a plain torch DDP loop on the same model and the same batches, N processes each, real
+launcher.
 
-Both loops do the same work per step: set the scheduled LR, forward, soft-target CE, backward,
-clip to 5.0, AdamW step. Batches are made once before timing (random tensors, or real ones
-from --data shards), so the number is the engine's cost, not the input pipeline's.
+Both loops do the same work per step: set the LR, forward under the same autocast, soft-target
+CE, backward, clip to 5.0, fused AdamW step, SyncBatchNorm in both. Batches are made once
+before timing (random tensors, or real ones from --data shards), so the number is the
+engine's cost, not the input pipeline's.
 """
 import argparse
 import json
@@ -24,7 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--procs", type=int, default=2)
     p.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="the same autocast precision for the plain loop and the engine")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {MODES}")
     p.add_argument("--repeat", type=int, default=1,
                    help="run the modes round-robin this many times and report each mode's median (noisy machines)")
@@ -61,6 +64,8 @@ def _worker(args) -> dict:
     import torch.nn.functional as F
 
     from stm_dist.engine.distributed import init
+    from stm_dist.engine.precision import Precision
+    from stm_dist.engine.step import build_engine, prepare_model, soft_target_cross_entropy
     from stm_dist.models import create_model
     from stm_dist.models.param_groups import param_groups
 
@@ -68,57 +73,49 @@ def _worker(args) -> dict:
     rank, world, device = init(use_deepspeed=mode != "torch")
     torch.manual_seed(0)
     model = create_model(args.model, num_classes=args.num_classes, img_size=args.img_size)
-    groups = param_groups(model, weight_decay=0.05)
     n = args.warmup + args.steps
-    batches = _batches(args, rank, world, n)
-
-    def loss_fn(logits, y):
-        return F.cross_entropy(logits.float(), y, label_smoothing=0.1)
+    batches = [(x, F.one_hot(y, args.num_classes).float()) for x, y in _batches(args, rank, world, n)]
+    prec = Precision(args.precision)
 
     if mode == "torch":
-        model.to(device)
+        # The timm-style baseline: DDP, autocast forward, fused AdamW, clipping; the same
+        # SyncBatchNorm as the engine so both do the same collectives per micro-step.
+        model = prepare_model(model, world, channels_last=False).to(device)
+        groups = param_groups(model, weight_decay=0.05)
         ddp = torch.nn.parallel.DistributedDataParallel(model)
-        opt = torch.optim.AdamW(groups, lr=1e-3, eps=1e-8)
+        opt = torch.optim.AdamW(groups, lr=1e-3, eps=1e-8, fused=True)
+        params = [p for p in model.parameters() if p.requires_grad]
 
-        def step(i, x, y):
+        def step(i, x, t):
             for g in opt.param_groups:
                 g["lr"] = 1e-3
-            loss = loss_fn(ddp(x.to(device)), y.to(device))
+            with prec.autocast(device.type):
+                logits = ddp(x.to(device))
+            loss = soft_target_cross_entropy(logits, t.to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            torch.nn.utils.clip_grad_norm_(params, 5.0, foreach=True)
             opt.step()
+            return loss.detach()
     else:
-        import deepspeed
+        runner = build_engine(model, precision=args.precision, zero_stage=int(mode[-1]),
+                              global_batch=args.micro_batch * world, micro_batch=args.micro_batch,
+                              channels_last=False, lr=1e-3)
 
-        from stm_dist.engine import ds_setup
-        from stm_dist.engine.config import REPO_ROOT, ExperimentConfig
-        from stm_dist.engine.distributed import accelerator_name
-
-        cfg = ExperimentConfig()
-        cfg.train.micro_batch, cfg.train.global_batch = args.micro_batch, args.micro_batch * world
-        cfg.deepspeed.config = os.path.join(REPO_ROOT, "ds_configs", f"{mode}_{args.precision}.json")
-        ds = ds_setup.build(cfg, world, accelerator_name())
-        engine, opt, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds)
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
-
-        def step(i, x, y):
-            for g in opt.param_groups:
-                g["lr"] = 1e-3
-            loss = loss_fn(engine(x.to(device, dtype)), y.to(device))
-            engine.backward(loss)
-            engine.step()
+        def step(i, x, t):
+            return runner.train_step([(x, t)])
 
     for i in range(args.warmup):
         step(i, *batches[i])
     torch.distributed.barrier()
     t0 = time.perf_counter()
     for i in range(args.warmup, n):
-        step(i, *batches[i])
+        last = step(i, *batches[i])
+    float(last)  # the steps are asynchronous on a GPU: wait for the last one
     torch.distributed.barrier()
     dt = time.perf_counter() - t0
     return {"mode": mode, "steps_per_s": args.steps / dt, "img_per_s": args.steps * args.micro_batch * world / dt,
-            "world_size": world, "precision": args.precision if mode != "torch" else "fp32"}
+            "world_size": world, "precision": args.precision}
 
 
 def _launch(args, mode: str) -> dict:

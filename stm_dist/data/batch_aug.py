@@ -28,8 +28,13 @@ class BatchAugment:
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if images.ndim != 4:
             raise ValueError(f"BatchAugment wants NCHW images, got shape {tuple(images.shape)}")
-        if labels.min() < 0 or labels.max() >= self.num_classes:
-            raise ValueError(f"labels outside [0, {self.num_classes}): min {int(labels.min())}, max {int(labels.max())}")
+        if labels.device.type == "cpu":
+            if labels.min() < 0 or labels.max() >= self.num_classes:
+                raise ValueError(f"labels outside [0, {self.num_classes}): min {int(labels.min())}, "
+                                 f"max {int(labels.max())}")
+        else:  # on a GPU, checked without waiting for the device (fails at the next sync)
+            torch._assert_async(((labels >= 0) & (labels < self.num_classes)).all(),
+                                f"labels outside [0, {self.num_classes})")
         if self.erase is not None:
             self.erase.device = images.device  # pixel-mode noise is drawn where the batch lives
             images = self.erase(images)

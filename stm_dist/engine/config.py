@@ -87,8 +87,14 @@ class TrainConfig:
     seed: int = 0
     ema: bool = True
     ema_decay: float = 0.9999
+    # Losses stay on the device and are read (and written to metrics.jsonl, one record per
+    # step) every log_every steps; stop signals are also agreed on at that cadence.
     log_every: int = 10
     eval_every_epochs: int = 1
+    # torch.compile of the model under DeepSpeed; None = on for CUDA, off on the CPU.
+    compile: Optional[bool] = None
+    # channels_last activations; None = on for CUDA.
+    channels_last: Optional[bool] = None
 
 
 @dataclass
@@ -133,6 +139,8 @@ class ExperimentConfig:
         d = self.to_dict()
         d.pop("run")
         d["schedule"].pop("max_steps")
+        for k in ("log_every", "compile", "channels_last"):  # how, not what, is trained
+            d["train"].pop(k)
         d.pop("checkpoint")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 

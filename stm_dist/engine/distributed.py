@@ -32,8 +32,18 @@ def accelerator_name() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def quiet_known_warnings():
+    """DeepSpeed 0.19 calls collectives torch 2.14 has renamed; the FutureWarning repeats on
+    every rank and step and says nothing the user can act on."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning,
+                            message=r"`torch\.distributed\.\w+` is deprecated")
+
+
 def init(use_deepspeed: bool = True):
     """Start the process group (gloo on CPU, nccl on GPUs); return (rank, world_size, device)."""
+    quiet_known_warnings()
     set_single_process_defaults()
     accel = accelerator_name()
     os.environ.setdefault("DS_ACCELERATOR", accel)

@@ -34,15 +34,19 @@ def locate(path: str, warn=print) -> tuple[str, str, dict]:
 def consolidate(ckpt_dir: str, tag: str, marker: dict, ema: bool = False) -> dict:
     tag_dir = os.path.join(ckpt_dir, tag)
     if ema:
-        client = ckpt.load_client(tag_dir, 0)
-        if client.get("ema") is None:
+        from .ema import assemble
+
+        states = [c.get("ema") for c in ckpt.load_all_clients(tag_dir, int(marker.get("world_size", 1)))]
+        if any(s is None for s in states):
             raise KeyError(f"{tag_dir}: this run kept no EMA weights (train.ema was false)")
-        return {k: v.float() if v.is_floating_point() else v for k, v in client["ema"].items()}
+        # Each rank saved the slices of the average it owns; put them back together.
+        return {k: v.float() if v.is_floating_point() else v for k, v in assemble(states).items()}
     stage = int(marker.get("zero_stage", 0))
     if stage == 0:
         path = os.path.join(tag_dir, "mp_rank_00_model_states.pt")
         sd = torch.load(path, map_location="cpu", weights_only=False)["module"]
-        # fp32 runs store the exact weights; bf16/fp16 runs at ZeRO 0 store the 16-bit module.
+        # The module DeepSpeed holds is the fp32 master (bf16/fp16 train under autocast);
+        # only the explicit pure_bf16 mode stores 16-bit weights here.
         return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

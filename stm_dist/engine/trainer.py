@@ -19,19 +19,17 @@ from . import checkpoint as ckpt
 from . import config as config_mod
 from . import ds_setup
 from . import preemption
-from .distributed import accelerator_name, all_reduce_sum, barrier, init
-from .ema import ModelEMA, gathered, model_state_tensors
+from .distributed import accelerator_name, barrier, init
+from .ema import ShardedEMA, gathered
 from .evaluate import evaluate
 from .run_log import RunLog
 from .schedule import Schedules, steps_per_epoch
+from .step import StepRunner, configure_cuda_speed, prepare_model, soft_target_cross_entropy  # noqa: F401
+from .step_meter import StepMeter
 
 
 class NonFiniteLoss(RuntimeError):
     pass
-
-
-def soft_target_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return torch.sum(-target * torch.log_softmax(logits.float(), dim=-1), dim=-1).mean()
 
 
 def build_model(cfg, for_eval: bool = False):
@@ -115,6 +113,9 @@ class Trainer:
             load_pretrained(model, cfg.model.pretrained)
         from stm_dist.models.param_groups import param_groups
 
+        on_cuda = self.accel == "cuda"
+        channels_last = on_cuda if t.channels_last is None else t.channels_last
+        model = prepare_model(model, self.world, channels_last)  # SyncBatchNorm, memory format
         groups = param_groups(model, weight_decay=cfg.optim.weight_decay)
 
         self.resume = ckpt.latest_complete(self.ckpt_dir, warn=self.log.info)
@@ -126,24 +127,19 @@ class Trainer:
                 ckpt.to_universal(self.ckpt_dir, self.resume[0], load_dir,
                                   int(self.resume[1]["zero_stage"]), log=self.log.info)
             barrier()
-        ds_cfg = ds_setup.build(cfg, self.world, self.accel, load_universal=universal)
-        self.zero_stage = ds_setup.zero_stage(ds_cfg)
-        self.precision = ds_setup.precision(ds_cfg)
-        import deepspeed
-
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=groups,
-                                                                 config=ds_cfg)
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.precision]
-        # BatchNorm running statistics (the conv head's BN) are per-rank state that DeepSpeed
-        # neither syncs nor checkpoints per rank; averaging them after each step keeps every rank
-        # (and so evaluation, EMA and a resumed run) on the same values.
-        self._bn_buffers = [b for m in self.engine.module.modules()
-                            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-                            for b in (m.running_mean, m.running_var) if b is not None]
-        self.ema = None
-        if t.ema:
-            with gathered(self.engine.module, self.zero_stage):
-                self.ema = ModelEMA(model_state_tensors(self.engine.module), t.ema_decay)
+        built = ds_setup.build(cfg, self.world, self.accel, load_universal=universal)
+        self.zero_stage = built.zero_stage
+        self.precision = built.precision.name
+        if on_cuda:
+            configure_cuda_speed()
+        self.engine, self.optimizer = ds_setup.initialize(built, model, groups, cfg)
+        if on_cuda if t.compile is None else t.compile:
+            self.engine.compile()
+        self.runner = StepRunner(self.engine, self.optimizer, built, cfg.optim.clip_grad, self.device,
+                                 channels_last=channels_last)
+        self.meter = StepMeter(t.log_every, self.device, self.world)
+        # EMA of the fp32 master weights, sharded like ZeRO (engine/ema.py).
+        self.ema = ShardedEMA(self.engine.module, t.ema_decay, self.zero_stage, self.rank, self.world) if t.ema else None
 
         from stm_dist.data import BatchAugment
 
@@ -170,7 +166,8 @@ class Trainer:
             "step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
             "loaders": {slot: ld.state_dict() for slot, ld in zip(self.my_slots, self.loaders)},
             "rng": _rng_state(),
-            "ema": self.ema.state_dict() if (self.ema is not None and self.rank == 0) else None,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "runner": self.runner.state_dict(),
             "config_hash": self.cfg.hash(), "config": self.cfg.to_dict(),
         }
 
@@ -206,12 +203,14 @@ class Trainer:
             ld.set_epoch(self.epoch)
             ld.load_state_dict(slot_states[slot])
         if self.ema is not None:
-            if clients[0].get("ema") is None:
-                self.log.info("checkpoint has no EMA state; EMA restarts from the loaded weights")
-                with gathered(self.engine.module, self.zero_stage):
-                    self.ema = ModelEMA(model_state_tensors(self.engine.module), self.cfg.train.ema_decay)
+            states = [c.get("ema") for c in clients]
+            if any(st is None or "frags" not in st for st in states):
+                self.log.info("checkpoint has no sharded EMA state; EMA restarts from the loaded weights")
+                self.ema = ShardedEMA(self.engine.module, self.cfg.train.ema_decay, self.zero_stage,
+                                      self.rank, self.world)
             else:
-                self.ema.load_state_dict(clients[0]["ema"])
+                self.ema.load_state_dict(states)
+        self.runner.load_state_dict(mine.get("runner") or {})
         if saved_world == self.world:
             _set_rng_state(mine["rng"])
         else:
@@ -236,7 +235,7 @@ class Trainer:
         results = {"kind": "eval", "step": self.step, "epoch": self.epoch}
         models = [("", self._eval_copy())]
         if self.ema is not None:
-            models.append(("_ema", self._eval_copy(self.ema.state_dict())))
+            models.append(("_ema", self._eval_copy(self.ema.full_state())))
         for suffix, model in models:
             loader = build_val_loader(cfg.data.val_shards, cfg.data.eval_batch, rank=self.rank,
                                       world_size=self.world, img_size=cfg.model.img_size,
@@ -256,67 +255,52 @@ class Trainer:
             torch.save(state, os.path.join(self.run_dir, "live_weights.pt"))
 
     # ---------------------------------------------------------------- the loop
-    def _micro_step(self, it, j: int) -> float:
-        images, labels = next(it)
-        images, targets = self.batch_aug(images, labels)
-        images = images.to(self.device, self.dtype, non_blocking=True)
-        targets = targets.to(self.device, non_blocking=True)
-        logits = self.engine(images)
-        loss = soft_target_cross_entropy(logits, targets)
-        value = loss.item()
-        # All ranks must agree before anyone calls the optimizer with a NaN gradient.
-        bad = all_reduce_sum([0.0 if np.isfinite(value) else 1.0])[0]
-        if bad:
-            raise NonFiniteLoss(f"non-finite loss ({value}) at step {self.step + 1} "
-                                f"(epoch {self.epoch}, micro-batch {j}, rank {self.rank})")
-        self.engine.backward(loss)
-        self.engine.step()
-        return value
-
-    @torch.no_grad()
-    def _average_bn_buffers(self):
-        if self.world == 1 or not self._bn_buffers:
-            return
-        flat = torch.cat([b.detach().reshape(-1).double() for b in self._bn_buffers])
-        if torch.distributed.get_backend() == "nccl":
-            flat = flat.cuda()
-        torch.distributed.all_reduce(flat)
-        flat /= self.world
-        i = 0
-        for b in self._bn_buffers:
-            b.copy_(flat[i:i + b.numel()].view_as(b).to(b.dtype))
-            i += b.numel()
-
-    def _one_step(self, iters) -> dict:
-        t0 = time.perf_counter()
+    def _one_step(self, iters):
         lr = self.sched.apply(self.optimizer.param_groups, self.step)
-        losses = [self._micro_step(iters[j], j) for j in range(self.accum)]
+        for j in range(self.accum):
+            images, labels = next(iters[j])
+            images, targets = self.batch_aug(images, labels)
+            loss = self.runner.micro_step(images, targets, first=j == 0, last=j == self.accum - 1)
+            self.meter.add_micro(loss)
         self.step += 1
         self.step_in_epoch += 1
-        self._average_bn_buffers()
         if self.ema is not None:
-            with gathered(self.engine.module, self.zero_stage):
-                self.ema.update(model_state_tensors(self.engine.module))
-        loss_sum, n = all_reduce_sum([sum(losses), float(len(losses))])
-        gn = self.engine.get_global_grad_norm()
-        dt = time.perf_counter() - t0
-        rec = {"kind": "train", "step": self.step, "epoch": self.epoch, "loss": loss_sum / n, "lr": lr,
-               "weight_decay": float(self.sched.wd[self.step - 1]),
-               "grad_norm": float(gn) if gn is not None else None,
-               "img_s": self.cfg.train.global_batch / dt}
+            self.ema.update()
+        self.meter.end_step({"kind": "train", "step": self.step, "epoch": self.epoch, "lr": lr,
+                             "weight_decay": float(self.sched.wd[self.step - 1]),
+                             "batch": self.cfg.train.global_batch})
+
+    def _flush(self) -> bool:
+        """Collective, every log_every steps: write the pending step records; True = stop now
+        (a rank received a stop signal). Raises NonFiniteLoss naming the first bad step."""
+        records, stop, first_bad = self.meter.flush(preemption.received() is not None)
+        if not records:
+            return stop
+        last = records[-1]
+        last["grad_norm"] = self.runner.read_grad_norm()
+        if self.runner.scaler is not None:
+            last["loss_scale"] = self.runner.scaler.current(self.zero_stage)
         if torch.cuda.is_available():
-            rec["mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            last["mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
         else:  # peak resident memory of this process (Linux reports KiB)
             import resource
 
-            rec["mem_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        return rec
+            last["mem_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        for rec in records:
+            self.log.step(rec)
+        if first_bad is not None:
+            raise NonFiniteLoss(f"non-finite loss at step {first_bad} (epoch {self.epoch}); the optimizer "
+                                f"skipped the non-finite update(s), stopping at step {self.step}")
+        eta = (time.time() - self._t_start) / max(1, self.step - self._first_step) * (self.total_steps - self.step)
+        self.log.info(f"epoch {self.epoch} step {self.step}/{self.total_steps} loss {last['loss']:.4f} "
+                      f"lr {last['lr']:.3e} {last['img_s']:.0f} img/s ETA {eta / 60:.1f} min")
+        return stop
 
     def train(self) -> int:
         cfg, every = self.cfg, self.cfg.checkpoint.every_steps
         self.log.start_progress(self.total_steps, self.step)
         self.engine.train()
-        t_start, first_step = time.time(), self.step
+        self._t_start, self._first_step = time.time(), self.step
         last_saved = self.step if self.resume else -1
         try:
             while self.step < self.total_steps:
@@ -325,18 +309,14 @@ class Trainer:
                         ld.set_epoch(self.epoch)
                 iters = [iter(ld) for ld in self.loaders]
                 while self.step_in_epoch < self.iters_per_epoch and self.step < self.total_steps:
-                    rec = self._one_step(iters)
-                    self.log.step(rec)
-                    if self.step % cfg.train.log_every == 0 or self.step == 1:
-                        eta = (time.time() - t_start) / max(1, self.step - first_step) * (
-                            self.total_steps - self.step)
-                        self.log.info(f"epoch {self.epoch} step {self.step}/{self.total_steps} "
-                                      f"loss {rec['loss']:.4f} lr {rec['lr']:.3e} {rec['img_s']:.0f} img/s "
-                                      f"ETA {eta / 60:.1f} min")
+                    self._one_step(iters)
+                    stop = False
+                    if self.meter.full or self.step == 1 or self.step == self.total_steps:
+                        stop = self._flush()
                     if every and self.step % every == 0 and self.step < self.total_steps:
                         self.save()
                         last_saved = self.step
-                    if self.step < self.total_steps and preemption.agreed():
+                    if stop and self.step < self.total_steps:
                         if last_saved != self.step:
                             self.save()
                         self.log.info(f"stopping after step {self.step}: {preemption.received() or 'another rank'}"
@@ -345,6 +325,7 @@ class Trainer:
                         self.log.close()
                         return preemption.EXIT_PREEMPTED
                 if self.step_in_epoch >= self.iters_per_epoch:
+                    self._flush()
                     epoch_done = self.epoch
                     self.epoch += 1
                     self.step_in_epoch = 0
@@ -354,6 +335,7 @@ class Trainer:
                         last_saved = self.step
                     if cfg.data.val_shards and (epoch_done + 1) % cfg.train.eval_every_epochs == 0:
                         self.evaluate()
+            self._flush()
             if last_saved != self.step:
                 self.save()
             if cfg.data.val_shards and self._last_eval != self.step:
@@ -362,14 +344,13 @@ class Trainer:
                 self._dump_live_weights()
         except NonFiniteLoss as e:
             if last_saved == self.step:
-                self.log.info(f"stopping: {e}; the weights before that step are in checkpoint "
-                              f"{ckpt.tag_for(self.step)}")
+                self.log.info(f"stopping: {e}; checkpoint {ckpt.tag_for(self.step)} holds the weights")
             else:
-                self.log.info(f"stopping: {e}; saving the weights before that step")
+                self.log.info(f"stopping: {e}; saving checkpoint {ckpt.tag_for(self.step)}, whose weights "
+                              f"never took a non-finite update")
                 self.save()
             self.log.close()
             return 2
-        self.log.info(f"finished: {self.step} steps in {(time.time() - t_start) / 60:.1f} min")
+        self.log.info(f"finished: {self.step} steps in {(time.time() - self._t_start) / 60:.1f} min")
         self.log.close()
         return 0
-

@@ -70,11 +70,15 @@ def test_missing_files_are_named(tmp_path):
 def test_deepspeed_config_is_filled_from_the_experiment():
     cfg = load(SWIN, ["train.micro_batch=64", "deepspeed.config=ds_configs/zero3_bf16.json"])
     check_paths(cfg, need_train=False, need_val=False)
-    ds = ds_setup.build(cfg, world_size=4, accelerator="cpu")
+    built = ds_setup.build(cfg, world_size=4, accelerator="cpu")
+    ds = built.ds
+    assert built.precision.name == "bf16" and built.zero_stage == 3 and not built.own_optimizer
     assert ds["train_batch_size"] == 1024 and ds["train_micro_batch_size_per_gpu"] == 64
     assert ds["gradient_accumulation_steps"] == 4 and ds["gradient_clipping"] == 5.0
     assert ds["optimizer"]["params"]["torch_adam"] is True and ds["optimizer"]["params"]["lr"] == 1e-3
-    assert ds["zero_optimization"]["stage"] == 3 and ds["data_types"]["buffer_dtype"] == "bf16"
+    # bf16 = fp32 master weights under autocast: DeepSpeed itself runs in fp32 mode.
+    assert ds["zero_optimization"]["stage"] == 3 and "bf16" not in ds and "data_types" not in ds
+    assert "mixed_precision" not in ds
     assert not any(k.startswith("_") for k in ds)
     with pytest.raises(ConfigError, match="train.global_batch"):
         ds_setup.build(cfg, world_size=3, accelerator="cpu")
@@ -82,9 +86,45 @@ def test_deepspeed_config_is_filled_from_the_experiment():
 
 def test_every_ds_config_is_valid_json_for_its_stage_and_precision():
     files = sorted(glob.glob(os.path.join(REPO_ROOT, "ds_configs", "zero*_*.json")))
-    assert len(files) == 12
+    assert len(files) == 13
     for f in files:
-        stage, prec = os.path.basename(f)[4:-5].split("_")
+        stage, prec = os.path.basename(f)[4:-5].split("_", 1)
         raw = json.load(open(f))
         assert raw["zero_optimization"]["stage"] == int(stage)
-        assert ds_setup.precision(raw) == prec
+        assert ds_setup.precision_name(raw) == prec
+
+
+@pytest.mark.parametrize("section, named", [
+    ({"dtype": "bf32"}, r"'mixed_precision.dtype' is 'bf32'; choose one of"),
+    ({"dtype": "fp16"}, r"'mixed_precision.dtype' fp16 needs 'mixed_precision.loss_scale'"),
+    ({"dtype": "bf16", "loss_scale": {}}, r"'mixed_precision.loss_scale' only applies to dtype fp16"),
+    ({"dtype": "fp16", "loss_scale": {"init": 2}}, r"unknown key\(s\) \['init'\] in 'mixed_precision.loss_scale'"),
+    ({"dtype": "fp16", "loss_scale": {"backoff_factor": 2}}, r"'mixed_precision.loss_scale' .* out of range"),
+])
+def test_bad_precision_is_a_config_error_naming_the_key(tmp_path, section, named):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 1}, "mixed_precision": section}))
+    cfg = load(SWIN, [f"deepspeed.config={path}"])
+    with pytest.raises(ConfigError, match=named):
+        ds_setup.build(cfg, world_size=1, accelerator="cpu")
+
+
+def test_deepspeeds_own_16bit_sections_are_refused_and_pure_bf16_needs_its_name(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 1}, "bf16": {"enabled": True}}))
+    cfg = load(SWIN, [f"deepspeed.config={path}"])
+    with pytest.raises(ConfigError, match=r"section 'bf16' is managed by stm-train.*pure_bf16"):
+        ds_setup.build(cfg, world_size=1, accelerator="cpu")
+    cfg = load(SWIN, ["deepspeed.config=ds_configs/zero1_pure_bf16.json"])
+    check_paths(cfg, need_train=False, need_val=False)
+    with pytest.warns(UserWarning, match="residual branch rounds away"):
+        built = ds_setup.build(cfg, world_size=1, accelerator="cpu")
+    assert built.ds["bf16"] == {"enabled": True} and built.ds["data_types"]["buffer_dtype"] == "bf16"
+
+
+def test_zero0_uses_our_fused_adamw_and_clipping():
+    cfg = load(SWIN, ["deepspeed.config=ds_configs/zero0_fp16.json"])
+    check_paths(cfg, need_train=False, need_val=False)
+    built = ds_setup.build(cfg, world_size=1, accelerator="cpu")
+    assert built.own_optimizer and "optimizer" not in built.ds and built.ds["gradient_clipping"] == 0.0
+    assert built.precision.loss_scale["init_scale"] == 65536.0

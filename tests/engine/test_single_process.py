@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from engine_launch import BASE, REPO, env
 
@@ -33,7 +34,12 @@ def test_non_finite_loss_stops_with_checkpoint_and_step(digits_shards, tmp_path)
     found = ckpt.latest_complete(os.path.join(run, "checkpoints"))
     assert found is not None
     bad_step = int(text.split("non-finite loss")[1].split("at step ")[1].split()[0])
-    assert found[1]["step"] == bad_step - 1  # the state before the failing step
+    # Losses are read every log_every (here 1) steps: the run stops right after the bad step,
+    # whose non-finite update the optimizer skipped, and saves that state.
+    assert found[1]["step"] == bad_step
+    state = torch.load(os.path.join(run, "checkpoints", found[0], "mp_rank_00_model_states.pt"),
+                       map_location="cpu", weights_only=False)["module"]
+    assert all(v.dtype != torch.bfloat16 for v in state.values())
 
 
 def test_config_error_names_the_key(tmp_path):
