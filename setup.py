@@ -79,10 +79,78 @@ def _extensions():
     ]
 
 
+BUILD_RECORD = "_C_build.json"  # read back by stm_dist/ops/build_guard.py before loading _C
+
+
+def _build_record():
+    """What the library is compiled against; a torch with another version or ABI cannot load it
+    safely (on the lent GPU a mismatched _C crashed the process instead of raising)."""
+    import torch
+
+    return {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cxx11_abi": bool(torch._C._GLIBCXX_USE_CXX11_ABI),
+    }
+
+
+def _record_path(library):
+    return os.path.join(os.path.dirname(library), BUILD_RECORD)
+
+
+def _replace(src, dst):
+    # Copy then rename: processes that have the old library mapped keep their inode; copying over
+    # it in place (what distutils does) can crash them.
+    import shutil
+
+    tmp = f"{dst}.tmp-{os.getpid()}"
+    shutil.copy2(src, tmp)
+    os.replace(tmp, dst)
+
+
 def _build_ext():
+    import json
+
     from torch.utils.cpp_extension import BuildExtension
 
-    return BuildExtension.with_options(use_ninja=True)
+    base = BuildExtension.with_options(use_ninja=True)
+
+    class BuildExtWithRecord(base):
+        """Writes _C_build.json beside every library it builds, and installs both atomically."""
+
+        def build_extension(self, ext):
+            library = self.get_ext_fullpath(ext.name)
+            record = _build_record()
+            try:
+                with open(_record_path(library)) as f:
+                    stale = json.load(f) != record
+            except (OSError, ValueError):
+                stale = True
+            force, self.force = self.force, self.force or stale  # sources unchanged, torch not
+            try:
+                super().build_extension(ext)
+            finally:
+                self.force = force
+            tmp = f"{_record_path(library)}.tmp-{os.getpid()}"
+            with open(tmp, "w") as f:
+                json.dump(record, f, indent=1)
+                f.write("\n")
+            os.replace(tmp, _record_path(library))
+            _log(f"build record {record} -> {_record_path(library)}")
+
+        def copy_file(self, infile, outfile, *args, **kwargs):
+            # Used by the in-place (editable) install to put the library into the source tree.
+            if not os.path.exists(_record_path(infile)) or not infile.endswith((".so", ".pyd")):
+                return super().copy_file(infile, outfile, *args, **kwargs)
+            _replace(infile, outfile)
+            _replace(_record_path(infile), _record_path(outfile))
+            return outfile, True
+
+        def get_outputs(self):
+            outputs = super().get_outputs()
+            return outputs + sorted({_record_path(o) for o in outputs if o.endswith((".so", ".pyd"))})
+
+    return BuildExtWithRecord
 
 
 setup(

@@ -43,7 +43,10 @@ def collect():
 
     cuda_ok = torch.cuda.is_available()
     devices = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda_ok else []
-    ext = ops.extension_available()
+    try:
+        ext, refused = ops.extension_available(), None
+    except ops.ExtensionBuildMismatch as err:  # built for another torch: report it, don't crash
+        ext, refused = False, str(err)
     built_cuda = bool(torch.ops.stm_dist.built_with_cuda()) if ext else False
     ds_ops = _deepspeed_ops()
     return [
@@ -62,10 +65,10 @@ def collect():
             ("timm", _version("timm")),
         ]),
         ("stm_dist._C", [
-            ("extension loaded", ext),
+            ("extension loaded", ext if refused is None else f"no, refused: {refused}"),
             ("built with CUDA kernels", built_cuda),
-            ("ms_deform_attn CPU kernel", ops.kernel_available("ms_deform_attn", "CPU")),
-            ("ms_deform_attn CUDA kernel", ops.kernel_available("ms_deform_attn", "CUDA")),
+            ("ms_deform_attn CPU kernel", ext and ops.kernel_available("ms_deform_attn", "CPU")),
+            ("ms_deform_attn CUDA kernel", ext and ops.kernel_available("ms_deform_attn", "CUDA")),
         ]),
         ("training", [
             ("deepspeed", _version("deepspeed")),
