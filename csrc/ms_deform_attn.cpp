@@ -12,14 +12,23 @@ namespace {
 
 std::string shape_str(const at::Tensor& t) { return msg::piece(t.sizes()); }
 
+// ref: the tensor whose dtype `t` must share (value for grad_output and the locations,
+// the locations for the weights); float32 locations are also accepted next to a half-precision
+// value, so that coordinates keep 24 bits when the values are bf16/fp16.
 void check_float_input(const char* op, const char* name, const at::Tensor& t, int64_t dim,
-                       const char* layout, const at::Tensor& value) {
+                       const char* layout, const at::Tensor& value, const char* ref_name,
+                       const at::Tensor& ref, bool allow_f32) {
   STM_CHECK(t.defined(), op, ": ", name, " is undefined");
   STM_CHECK(t.dim() == dim, op, ": ", name, " must be ", dim, "-D ", layout, ", got shape ",
               shape_str(t));
-  STM_CHECK(t.scalar_type() == value.scalar_type(), op, ": ", name, " has dtype ",
-              t.scalar_type(), " but value has dtype ", value.scalar_type(),
-              " (all floating inputs must share one dtype)");
+  const bool half_value =
+      value.scalar_type() == at::kHalf || value.scalar_type() == at::kBFloat16;
+  STM_CHECK(t.scalar_type() == ref.scalar_type() ||
+                (allow_f32 && half_value && t.scalar_type() == at::kFloat),
+            op, ": ", name, " has dtype ", t.scalar_type(), " but ", ref_name, " has dtype ",
+            ref.scalar_type(),
+            " (sampling_locations and attention_weights share one dtype: value's, or float32 "
+            "next to a float16/bfloat16 value; grad_output has value's)");
   STM_CHECK(t.device() == value.device(), op, ": ", name, " is on ", t.device(),
               " but value is on ", value.device());
 }
@@ -37,8 +46,10 @@ MsDeformGeometry check_ms_deform_inputs(const char* op, const at::Tensor& value,
               value.defined() ? shape_str(value) : "undefined");
   STM_CHECK(at::isFloatingType(value.scalar_type()), op,
               ": value must be a floating tensor, got ", value.scalar_type());
-  check_float_input(op, "sampling_locations", sampling_locations, 6, "(N, Lq, M, L, P, 2)", value);
-  check_float_input(op, "attention_weights", attention_weights, 5, "(N, Lq, M, L, P)", value);
+  check_float_input(op, "sampling_locations", sampling_locations, 6, "(N, Lq, M, L, P, 2)", value,
+                    "value", value, true);
+  check_float_input(op, "attention_weights", attention_weights, 5, "(N, Lq, M, L, P)", value,
+                    "sampling_locations", sampling_locations, false);
 
   MsDeformGeometry g;
   g.N = value.size(0);
@@ -57,7 +68,8 @@ MsDeformGeometry check_ms_deform_inputs(const char* op, const at::Tensor& value,
               ": attention_weights must be (N, Lq, M, L, P) = ", loc.sizes().slice(0, 5),
               " to match sampling_locations, got ", shape_str(attention_weights));
   if (grad_output != nullptr) {
-    check_float_input(op, "grad_output", *grad_output, 3, "(N, Lq, M*D)", value);
+    check_float_input(op, "grad_output", *grad_output, 3, "(N, Lq, M*D)", value, "value", value,
+                      false);
     STM_CHECK(grad_output->size(0) == g.N && grad_output->size(1) == g.Lq &&
                     grad_output->size(2) == g.M * g.D,
                 op, ": grad_output must be (N, Lq, M*D) = (", g.N, ", ", g.Lq, ", ", g.M * g.D,

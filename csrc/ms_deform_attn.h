@@ -4,8 +4,9 @@
 //   value               (N, S, M, D)         S = sum_l H_l * W_l
 //   spatial_shapes      (L, 2) int64          (H_l, W_l)
 //   level_start_index   (L,)   int64          exclusive prefix sum of H_l * W_l
-//   sampling_locations  (N, Lq, M, L, P, 2)   normalised (x, y); 0 and 1 are the outer pixel edges
-//   attention_weights   (N, Lq, M, L, P)
+//   sampling_locations  (N, Lq, M, L, P, 2)   normalised (x, y); 0 and 1 are the outer pixel edges;
+//                                            value's dtype, or float32 next to a bf16/fp16 value
+//   attention_weights   (N, Lq, M, L, P)      the dtype of sampling_locations
 //   output              (N, Lq, M * D)
 #pragma once
 

@@ -5,10 +5,13 @@
 // K = 16 bytes / sizeof(T) when the head width and pointers allow 16-byte vector loads, else 1.
 // The G = D / K threads of a row sit in consecutive lanes and compute the same bilinear
 // footprint, so weights are shared without shared memory. Arithmetic is in float.
+// Sampling locations and attention weights come in value's dtype or, next to a half type, in
+// float32 (what autocast hands them; stm_dist/ops/registration.py).
 // Backward: the value gradient is scattered with float atomics (into a float buffer for the
 // half types, vector atomics on sm_90); the per-sample channel sums for the location and
 // attention gradients are reduced across a row's lanes with shuffles when G is a power of two
-// up to 32, otherwise with float atomics.
+// up to 32, otherwise with float atomics. Atomics make the sums' order vary: the backward
+// refuses to run under torch.use_deterministic_algorithms(True).
 #include "ms_deform_attn.h"
 
 #include <ATen/ATen.h>
@@ -84,10 +87,12 @@ __device__ __forceinline__ void atomic_add(float* p, const float (&x)[K]) {
   }
 }
 
-template <typename T, int K>
+// T: value / output type; G: sampling locations and attention weights (T, or float next to a
+// half type so that coordinates keep 24 bits).
+template <typename T, typename G, int K>
 __global__ void __launch_bounds__(kThreads)
-    forward_kernel(const T* __restrict__ value, const T* __restrict__ loc,
-                   const T* __restrict__ attn, T* __restrict__ out, const Levels lv,
+    forward_kernel(const T* __restrict__ value, const G* __restrict__ loc,
+                   const G* __restrict__ attn, T* __restrict__ out, const Levels lv,
                    const int64_t rows, const int64_t S, const int Lq, const int M, const int D,
                    const int P) {
   const int G = D / K;
@@ -99,8 +104,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t n = i / (static_cast<int64_t>(Lq) * M);
   const int LP = lv.L * P;
   const int64_t pix = static_cast<int64_t>(M) * D;
-  const T* li = loc + i * LP * 2;
-  const T* ai = attn + i * LP;
+  const G* li = loc + i * LP * 2;
+  const G* ai = attn + i * LP;
   float acc[K];
 #pragma unroll
   for (int j = 0; j < K; ++j) acc[j] = 0.f;
@@ -130,10 +135,10 @@ __global__ void __launch_bounds__(kThreads)
   *reinterpret_cast<Pack<T, K>*>(out + i * D + cg * K) = o;
 }
 
-template <typename T, int K, bool kShuffle>
+template <typename T, typename G, int K, bool kShuffle>
 __global__ void __launch_bounds__(kThreads)
     backward_kernel(const T* __restrict__ grad_out, const T* __restrict__ value,
-                    const T* __restrict__ loc, const T* __restrict__ attn,
+                    const G* __restrict__ loc, const G* __restrict__ attn,
                     float* __restrict__ grad_value, float* __restrict__ grad_loc,
                     float* __restrict__ grad_attn, const Levels lv, const int64_t rows,
                     const int64_t S, const int Lq, const int M, const int D, const int P) {
@@ -146,8 +151,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t n = i / (static_cast<int64_t>(Lq) * M);
   const int LP = lv.L * P;
   const int64_t pix = static_cast<int64_t>(M) * D;
-  const T* li = loc + i * LP * 2;
-  const T* ai = attn + i * LP;
+  const G* li = loc + i * LP * 2;
+  const G* ai = attn + i * LP;
   // The lanes of this row; G divides 32 on the shuffle path and rows start at multiples of G.
   const unsigned lane = threadIdx.x & 31u;
   const unsigned mask =
@@ -232,12 +237,16 @@ void check_cuda_inputs(const char* op, const MsDeformGeometry& g, const at::Tens
     STM_CHECK(g.H[l] * g.W[l] <= INT32_MAX, op, " (CUDA): level ", l, " has more than 2^31 pixels");
 }
 
+// Calls f(T{}, G{}) for the dtypes of value and of the locations / weights (already validated
+// by check_ms_deform_inputs: the same, or float next to a half type).
 template <typename F>
-void dispatch_dtype(at::ScalarType t, F&& f) {
+void dispatch_dtype(at::ScalarType t, at::ScalarType geo, F&& f) {
+  const bool f32_geo = geo == at::kFloat;
   switch (t) {
-    case at::kFloat: return f(float{});
-    case at::kHalf: return f(at::Half{});
-    case at::kBFloat16: return f(at::BFloat16{});
+    case at::kFloat: return f(float{}, float{});
+    case at::kHalf: return f32_geo ? f(at::Half{}, float{}) : f(at::Half{}, at::Half{});
+    case at::kBFloat16:
+      return f32_geo ? f(at::BFloat16{}, float{}) : f(at::BFloat16{}, at::BFloat16{});
     default: STM_CHECK(false, "ms_deform_attn (CUDA): unsupported dtype ", t);
   }
 }
@@ -273,22 +282,23 @@ at::Tensor ms_deform_attn_cuda(const at::Tensor& value_in, const at::Tensor& spa
   if (rows == 0 || g.D == 0) return out.zero_();
   const Levels lv = make_levels(g);
   const auto stream = at::cuda::getCurrentCUDAStream();
-  dispatch_dtype(value.scalar_type(), [&](auto tag) {
+  dispatch_dtype(value.scalar_type(), loc.scalar_type(), [&](auto tag, auto geo_tag) {
     using T = decltype(tag);
+    using G = decltype(geo_tag);
     const T* v = value.const_data_ptr<T>();
     T* o = out.mutable_data_ptr<T>();
     const int K = pick_k<T>(g.D, {v, o});
     const int64_t threads = rows * (g.D / K);
     auto launch = [&](auto kernel) {
       kernel<<<blocks_for(threads), kThreads, 0, stream>>>(
-          v, loc.const_data_ptr<T>(), attn.const_data_ptr<T>(), o, lv, rows, g.S,
+          v, loc.const_data_ptr<G>(), attn.const_data_ptr<G>(), o, lv, rows, g.S,
           static_cast<int>(g.Lq), static_cast<int>(g.M), static_cast<int>(g.D),
           static_cast<int>(g.P));
     };
     if (K == 1)
-      launch(forward_kernel<T, 1>);
+      launch(forward_kernel<T, G, 1>);
     else
-      launch(forward_kernel<T, 16 / sizeof(T)>);
+      launch(forward_kernel<T, G, 16 / sizeof(T)>);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -300,6 +310,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
   const auto g = check_ms_deform_inputs("ms_deform_attn_backward", value_in, spatial_shapes,
                                         level_start_index, loc_in, attn_in, &grad_in);
   check_cuda_inputs("ms_deform_attn_backward", g, value_in);
+  // The value gradient (and, for some head widths, the location / weight gradients) are summed
+  // with float atomics, whose order varies from run to run: under
+  // torch.use_deterministic_algorithms(True) this raises (a warning with warn_only=True).
+  at::globalContext().alertNotDeterministic("ms_deform_attn_backward (CUDA)");
   const c10::cuda::CUDAGuard guard(value_in.device());
   const auto value = value_in.contiguous();
   const auto loc = loc_in.contiguous();
@@ -313,8 +327,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
   if (rows > 0 && g.D > 0) {
     const Levels lv = make_levels(g);
     const auto stream = at::cuda::getCurrentCUDAStream();
-    dispatch_dtype(value.scalar_type(), [&](auto tag) {
+    dispatch_dtype(value.scalar_type(), loc.scalar_type(), [&](auto tag, auto geo_tag) {
       using T = decltype(tag);
+      using G = decltype(geo_tag);
       const T* v = value.const_data_ptr<T>();
       const T* go = grad.const_data_ptr<T>();
       const int K = pick_k<T>(g.D, {v, go});
@@ -323,22 +338,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
       const int64_t threads = rows * G;
       auto launch = [&](auto kernel) {
         kernel<<<blocks_for(threads), kThreads, 0, stream>>>(
-            go, v, loc.const_data_ptr<T>(), attn.const_data_ptr<T>(),
+            go, v, loc.const_data_ptr<G>(), attn.const_data_ptr<G>(),
             grad_value.mutable_data_ptr<float>(), grad_loc.mutable_data_ptr<float>(),
             grad_attn.mutable_data_ptr<float>(), lv, rows, g.S, static_cast<int>(g.Lq),
             static_cast<int>(g.M), static_cast<int>(g.D), static_cast<int>(g.P));
       };
       constexpr int kv = 16 / sizeof(T);
       if (K == 1)
-        shuffle ? launch(backward_kernel<T, 1, true>) : launch(backward_kernel<T, 1, false>);
+        shuffle ? launch(backward_kernel<T, G, 1, true>) : launch(backward_kernel<T, G, 1, false>);
       else
-        shuffle ? launch(backward_kernel<T, kv, true>) : launch(backward_kernel<T, kv, false>);
+        shuffle ? launch(backward_kernel<T, G, kv, true>) : launch(backward_kernel<T, G, kv, false>);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  const auto dt = value.scalar_type();
-  if (dt == at::kFloat) return {grad_value, grad_loc, grad_attn};
-  return {grad_value.to(dt), grad_loc.to(dt), grad_attn.to(dt)};
+  // Each gradient in the dtype of its input (float32 buffers need no cast).
+  const auto dt = value.scalar_type(), geo = loc.scalar_type();
+  return {dt == at::kFloat ? grad_value : grad_value.to(dt),
+          geo == at::kFloat ? grad_loc : grad_loc.to(geo),
+          geo == at::kFloat ? grad_attn : grad_attn.to(geo)};
 }
 
 }  // namespace

@@ -134,18 +134,18 @@ class DeformableGridAttention(nn.Module):
         offsets = self.sampling_offsets(query).reshape(N, H * W, G, 1, P, 2)
         weights = F.softmax(self.attention_weights(query).reshape(N, H * W, G, P), -1).reshape(N, H * W, G, 1, P)
 
-        # Sample in at least float32: bf16/fp16 locations would be off by a good fraction of a
-        # pixel (the original runs this op in fp32 under AMP too).
-        compute_dtype = torch.promote_types(value.dtype, torch.float32)
-        step = (self._grid(compute_dtype, x.device) + offsets.to(compute_dtype)) * self.offsets_scaler
+        # Locations in at least float32 whatever the model or autocast dtype: bf16/fp16
+        # coordinates would be off by a good fraction of a pixel.
+        geo_dtype = torch.promote_types(value.dtype, torch.float32)
+        step = (self._grid(geo_dtype, x.device) + offsets.to(geo_dtype)) * self.offsets_scaler
         # Normalised to the padded map by dividing (not multiplying by a reciprocal): the
         # original's rounding, which the float64 fixtures carry.
         step = torch.stack((step[..., 0] / (W + 2 * pad), step[..., 1] / (H + 2 * pad)), -1)
         locations = deform.reference_points[:, :, None, :, None, :] + step
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            out = ms_deform_attn(value.to(compute_dtype), deform.spatial_shapes, deform.level_start_index,
-                                 locations.contiguous(), weights.to(compute_dtype))
-        out = self.output_proj(out.to(value.dtype))
+        # The value map goes in its own dtype; under autocast the op's autocast rule runs it in
+        # the autocast dtype with float32 locations and weights (stm_dist/ops/registration.py).
+        out = ms_deform_attn(value, deform.spatial_shapes, deform.level_start_index, locations.contiguous(), weights)
+        out = self.output_proj(out)
         return out.reshape(N, H, W, C)
 
 

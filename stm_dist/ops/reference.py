@@ -9,7 +9,12 @@ import torch.nn.functional as F
 
 def ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
     """value (N,S,M,D), spatial_shapes (L,2) [H,W], sampling_locations (N,Lq,M,L,P,2) in [0,1] (x,y),
-    attention_weights (N,Lq,M,L,P) -> (N, Lq, M*D)."""
+    attention_weights (N,Lq,M,L,P) -> (N, Lq, M*D) in value's dtype. With float32 locations next to
+    a bf16/fp16 value (what the kernels accept) it computes in float32."""
+    out_dtype = value.dtype
+    compute = torch.promote_types(value.dtype, sampling_locations.dtype)
+    value, sampling_locations, attention_weights = (t.to(compute) for t in (value, sampling_locations,
+                                                                           attention_weights))
     N, _, M, D = value.shape
     _, Lq, _, L, P, _ = sampling_locations.shape
     sizes = [int(h) * int(w) for h, w in spatial_shapes.tolist()]
@@ -25,4 +30,4 @@ def ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_
     # (N, Lq, M, L, P) -> (N*M, 1, Lq, L*P)
     w = attention_weights.transpose(1, 2).reshape(N * M, 1, Lq, L * P)
     out = (torch.stack(sampled, dim=-2).flatten(-2) * w).sum(-1)
-    return out.view(N, M * D, Lq).transpose(1, 2).contiguous()
+    return out.view(N, M * D, Lq).transpose(1, 2).contiguous().to(out_dtype)

@@ -118,9 +118,50 @@ def test_samples_outside_the_map_contribute_nothing(make_inputs):
     assert torch.equal(loc.grad, torch.zeros_like(loc))
 
 
-def test_ops_entry_point_uses_the_kernel_and_casts_weights(make_inputs):
+def test_ops_entry_point_uses_the_kernel_with_float32_geometry(make_inputs):
     value, shapes, start, loc, attn = make_inputs(2, [(4, 5)], 2, 16, 5, 9, dtype=torch.bfloat16)
-    # As under autocast: softmax hands back float32 next to a bfloat16 value.
+    # Next to a bf16 value the entry point hands the kernel float32 locations and weights, whatever
+    # they came in as (here bf16 locations, float32 weights as a softmax under autocast gives).
     out = ops.ms_deform_attn(value, shapes, start, loc, attn.float())
     assert out.dtype == torch.bfloat16
-    assert torch.equal(out, op(value, shapes, start, loc, attn.float().bfloat16()))
+    assert torch.equal(out, op(value, shapes, start, loc.float(), attn.float()))
+
+
+def _strided(t, dims):
+    # Same values, permuted storage: not contiguous, and not a layout empty_like would make
+    # contiguous either.
+    return t.transpose(*dims).contiguous().transpose(*dims)
+
+
+@pytest.mark.parametrize("geo_dtype", [torch.float64, torch.float32], ids=["same-dtype", "bf16-value-f32-geometry"])
+def test_opcheck_non_contiguous_inputs(make_inputs, geo_dtype):
+    value, shapes, start, loc, attn = make_inputs(2, [(4, 5), (2, 3)], 3, 8, 6, 4)
+    value = value if geo_dtype == torch.float64 else value.bfloat16()
+    loc, attn = loc.to(geo_dtype), attn.to(geo_dtype)
+    value_nc, loc_nc, attn_nc = _strided(value, (2, 3)), _strided(loc, (0, 1)), _strided(attn, (1, 2))
+    grad_nc = _strided(torch.randn(2, 6, 24, dtype=value.dtype), (0, 1))
+    assert not any(t.is_contiguous() for t in (value_nc, loc_nc, attn_nc, grad_nc))
+    fwd = torch.library.opcheck(op, (value_nc.requires_grad_(), shapes, start, loc_nc.requires_grad_(),
+                                     attn_nc.requires_grad_()))
+    assert all(v == "SUCCESS" for v in fwd.values()), fwd
+    # The backward op on its own: its fake kernel must give the real kernels' (contiguous) strides.
+    bwd = torch.library.opcheck(torch.ops.stm_dist.ms_deform_attn_backward,
+                                (grad_nc, value_nc.detach(), shapes, start, loc_nc.detach(), attn_nc.detach()))
+    assert all(v == "SUCCESS" for v in bwd.values()), bwd
+    grads = torch.ops.stm_dist.ms_deform_attn_backward(grad_nc, value_nc.detach(), shapes, start, loc_nc.detach(),
+                                                       attn_nc.detach())
+    assert all(g.is_contiguous() for g in grads)
+    assert [g.dtype for g in grads] == [value.dtype, geo_dtype, geo_dtype]
+
+
+def test_cpu_backward_runs_under_deterministic_algorithms(make_inputs):
+    inputs = make_inputs(2, [(5, 6)], 2, 16, 7, 9, dtype=torch.float32)
+    grad_out = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(4))
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        got = torch.ops.stm_dist.ms_deform_attn_backward(grad_out, *inputs)
+        again = torch.ops.stm_dist.ms_deform_attn_backward(grad_out, *inputs)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert all(torch.equal(a, b) for a, b in zip(got, again))

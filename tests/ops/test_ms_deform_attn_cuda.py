@@ -104,3 +104,46 @@ def test_cuda_device_mismatch_is_named():
     value, shapes, start, loc, attn = build_inputs(1, [(4, 4)], 2, 16, 3, 4, dtype=torch.float32)
     with pytest.raises(RuntimeError, match="sampling_locations is on cpu but value is on cuda"):
         torch.ops.stm_dist.ms_deform_attn(value.cuda(), shapes, start, loc, attn.cuda())
+
+
+def test_cuda_backward_alerts_before_its_atomics():
+    """Source check (no GPU needed): the CUDA backward calls the deterministic-algorithms alert
+    before it launches its atomic kernels, so torch.use_deterministic_algorithms(True) raises."""
+    src = open(os.path.join(os.path.dirname(stm_dist.__file__), os.pardir, "csrc", "cuda",
+                            "ms_deform_attn_cuda.cu")).read()
+    body = src[src.index("ms_deform_attn_backward_cuda("):]
+    body = body[:body.index("\n}\n")]
+    alert = body.find('at::globalContext().alertNotDeterministic("ms_deform_attn_backward (CUDA)")')
+    assert alert >= 0 and alert < body.index("<<<") and "atomicAdd" in src
+
+
+@pytest.mark.gpu
+def test_cuda_backward_raises_under_deterministic_algorithms():
+    value, shapes, start, loc, attn = build_inputs(1, [(4, 4)], 2, 16, 3, 4, dtype=torch.float32, device="cuda")
+    grad = torch.ones(1, 3, 32, device="cuda")
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        torch.ops.stm_dist.ms_deform_attn(value, shapes.cpu(), start.cpu(), loc, attn)  # forward: no atomics
+        with pytest.raises(RuntimeError, match=r"ms_deform_attn_backward \(CUDA\) does not have a deterministic"):
+            torch.ops.stm_dist.ms_deform_attn_backward(grad, value, shapes.cpu(), start.cpu(), loc, attn)
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cuda_half_value_with_float32_geometry(dtype):
+    """What autocast hands the CUDA kernel: a half-precision value, float32 locations and weights."""
+    cpu = build_inputs(2, [(9, 9), (3, 4)], 4, 32, 11, 9, dtype=torch.float64, outside=0.1)
+    cpu[0] = cpu[0].to(dtype).double()
+    cpu[3], cpu[4] = cpu[3].float().double(), cpu[4].float().double()
+    grad_out = torch.randn(2, 11, 128, generator=torch.Generator().manual_seed(6), dtype=torch.float64).to(dtype)
+    expected = _fwd_bwd(cpu, grad_out.double())
+    gpu = [cpu[0].to("cuda", dtype), cpu[1], cpu[2], cpu[3].to("cuda", torch.float32), cpu[4].to("cuda", torch.float32)]
+    got = _fwd_bwd(gpu, grad_out.cuda())
+    for name, g, e, dt in zip(("output", "grad value", "grad sampling_locations", "grad attention_weights"), got,
+                              expected, (dtype, dtype, torch.float32, torch.float32)):
+        assert g.dtype == dt, name
+        err = (g.double().cpu() - e).abs().max().item()
+        assert err <= REL_TOL[dtype] * max(e.abs().max().item(), 1e-3), f"{name}: max error {err}"
