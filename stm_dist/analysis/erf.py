@@ -3,8 +3,10 @@ pixel of the last stage's output with respect to the input image, summed over im
 
 As RepLKNet's visualize_erf.py, the objective is relu(central pixel) summed over channels; the
 map is |d objective / d input| summed over the 3 input channels and all images. `area_ratio[t]`
-is the side^2 / (H W) of the smallest square centred on the central input pixel that holds a
-fraction >= t of the map's total. RepLKNet measures that on a log10(1 + x) rescaled map; we
+is the area / (H W) of the smallest square, centred on the map's centre of mass, that holds a
+fraction >= t of the map's total. The centre of mass, not the image centre: the central output
+pixel of a stride-32 stack of 3x3/stride-2 convs looks at input pixel 32 i (at 224 px the 7x7
+map's pixel 3 is centred on 96, not 112), so an image-centred square would also count that offset. RepLKNet measures that on a log10(1 + x) rescaled map; we
 measure the raw contributions (what "fraction of the total contribution" says) and use the log
 scale only for the picture.
 """
@@ -35,12 +37,14 @@ def batch_map(feature_fn, images: torch.Tensor) -> np.ndarray:
 
 
 def area_ratio(erf: np.ndarray, thresh: float) -> float:
-    """Area (fraction of H x W) of the smallest centred square holding >= thresh of the total."""
+    """Area (fraction of H x W) of the smallest square around the centre of mass holding
+    >= thresh of the total (cut at the image border)."""
     H, W = erf.shape
     total = float(erf.sum())
     if total <= 0:
         raise RuntimeError("the effective receptive field is all zeros (no gradient reaches the input)")
-    cy, cx = H // 2, W // 2
+    cy = int(round(float((erf.sum(1) * np.arange(H)).sum()) / total))
+    cx = int(round(float((erf.sum(0) * np.arange(W)).sum()) / total))
     # cumulative sums make each square's sum O(1)
     c = np.pad(erf.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
     for r in range(max(H, W)):
