@@ -33,7 +33,7 @@ def batch_map(feature_fn, images: torch.Tensor) -> np.ndarray:
     h, w = out.shape[-2:]
     central = torch.relu(out[:, :, h // 2, w // 2]).sum()
     (grad,) = torch.autograd.grad(central, x)
-    return grad.abs().double().sum(dim=(0, 1)).numpy()
+    return grad.abs().double().sum(dim=(0, 1)).cpu().numpy()
 
 
 def area_ratio(erf: np.ndarray, thresh: float) -> float:

@@ -25,10 +25,10 @@ def _per_image(model, views: torch.Tensor, labels: torch.Tensor) -> dict:
     pred = top[:, 0, 0]                                          # standard view's class
     target = F.softmax(logits[:, 0], dim=-1)                     # (B, C)
     loss = -(target[:, None] * F.log_softmax(logits, dim=-1)).sum(-1)
-    return {"acc1": (top[..., 0] == labels[:, None]).numpy(),
-            "acc5": (top == labels[:, None, None]).any(-1).numpy(),
-            "consistency": (top[..., 0] == pred[:, None]).numpy(),
-            "loss": loss.double().numpy()}
+    return {"acc1": (top[..., 0] == labels[:, None]).cpu().numpy(),
+            "acc5": (top == labels[:, None, None]).any(-1).cpu().numpy(),
+            "consistency": (top[..., 0] == pred[:, None]).cpu().numpy(),
+            "loss": loss.double().cpu().numpy()}
 
 
 @torch.no_grad()

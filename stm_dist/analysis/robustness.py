@@ -43,7 +43,7 @@ def pgd(model, x, labels, eps: float, steps: int, step_size: float, seeds: list[
 
 @torch.no_grad()
 def _correct(model, x, labels):
-    return (model(x).argmax(1) == labels).numpy()
+    return (model(x).argmax(1) == labels).cpu().numpy()
 
 
 def run_robustness(model, data: ValImages, eps_list: list[float], *, steps: int = 10,

@@ -83,7 +83,7 @@ class ValImages:
     """The validation images of a shard directory, batched for this rank (see the module doc)."""
 
     def __init__(self, shard_dir: str, transform, *, batch: int, rank: int = 0, world: int = 1,
-                 limit: int | None = None, split: str = "val", num_workers: int = 0):
+                 limit: int | None = None, split: str = "val", num_workers: int = 0, device="cpu"):
         if batch < 1:
             raise AnalysisError(f"--batch must be >= 1, got {batch}")
         man = read_manifest(shard_dir, split)
@@ -94,7 +94,7 @@ class ValImages:
         if limit is not None and limit < 1:
             raise AnalysisError(f"--limit must be >= 1, got {limit}")
         self.num_images = min(total, limit) if limit else total
-        self.batch, self.rank, self.world = batch, rank, world
+        self.batch, self.rank, self.world, self.device = batch, rank, world, torch.device(device)
         self.num_batches = -(-self.num_images // batch)
         self.my_batches = list(range(rank, self.num_batches, world))
         self.my_images = sum(min(batch, self.num_images - b * batch) for b in self.my_batches)
@@ -105,12 +105,13 @@ class ValImages:
         return len(self.my_batches)
 
     def __iter__(self):
-        """(global batch id, image indices, transformed images, labels) for this rank's batches."""
+        """(global batch id, image indices, transformed images, labels) for this rank's batches;
+        images and labels on `device`."""
         items = [i for b in self.my_batches for i in range(b * self.batch, min((b + 1) * self.batch, self.num_images))]
         loader = torch.utils.data.DataLoader(self.dataset, batch_size=self.batch, sampler=items,
                                              num_workers=self.num_workers)
         for b, (idx, images, labels) in zip(self.my_batches, loader):
-            yield b, idx, images, labels.to(torch.int64)
+            yield b, idx, images.to(self.device), labels.to(self.device, torch.int64)
 
 
 def gather_batches(results: dict) -> list:

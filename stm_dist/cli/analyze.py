@@ -74,7 +74,7 @@ def run(args, checked: dict | None = None) -> tuple[dict, list]:
     model = load_model(args.model, args.checkpoint, args.num_classes or int(manifest["num_classes"]),
                        args.img_size, ema=args.ema, label_map=args.label_map, seed=args.seed)
     model.requires_grad_(False).to(device)
-    kw = dict(batch=args.batch, rank=rank, world=world, split=args.split, num_workers=args.num_threads)
+    kw = dict(batch=args.batch, rank=rank, world=world, split=args.split, num_workers=args.num_threads, device=device)
     t0 = time.time()
     extra_files = {}
     if args.analysis == "invariance":
