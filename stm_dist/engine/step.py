@@ -110,10 +110,12 @@ class StepRunner:
 
 
 def prepare_model(model: torch.nn.Module, world_size: int, channels_last: bool) -> torch.nn.Module:
-    """What every training model gets before DeepSpeed wraps it."""
+    """What every training model gets before DeepSpeed wraps it.
+
+    channels_last applies to the activations only (StepRunner converts each batch; cudnn then
+    picks NHWC kernels from the input): DeepSpeed's broadcast views every parameter as bytes,
+    which needs stride(-1) == 1, and ZeRO 1/2 re-point parameters into flat NCHW buffers anyway."""
     sync_bn.convert(model)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
     return model
 
 

@@ -105,11 +105,13 @@ def test_two_process_checkpoint_continues_on_one_process(digits_shards, root):
     assert "step 6" in text.split("resumed from")[-1].splitlines()[0]
     ref_l, got = losses(ref), losses(run)
     assert min(got) == 7, "training did not continue from step 7"
-    assert abs(got[7] - ref_l[7]) <= 1e-5, (got[7], ref_l[7])
+    # Not bit-exact by design: SyncBatchNorm normalises each micro-step over all ranks' samples
+    # (16 here on 2 processes, 8 per micro-step on 1 process with accumulation 2), as the
+    # original's SyncBatchNorm did; the rest of the state carries over exactly.
+    assert abs(got[7] - ref_l[7]) <= 0.05 * abs(ref_l[7]), (got[7], ref_l[7])
     # Same data (per-slot iterator states) and optimizer state: later steps stay together too.
-    # (Evaluation may differ: BatchNorm running stats see 2 micro-batches one after the other here.)
     for step in range(8, STEPS + 1):
-        assert abs(got[step] - ref_l[step]) <= 1e-4, (step, got[step], ref_l[step])
+        assert abs(got[step] - ref_l[step]) <= 0.05 * abs(ref_l[step]), (step, got[step], ref_l[step])
 
 
 def test_zero3_export_equals_live_weights_and_eval_matches(digits_shards, root, tmp_path):
