@@ -5,7 +5,9 @@
     DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 deepspeed --num_accelerators 2 -m stm_dist.cli.train ...
     torchrun --nproc_per_node 2 -m stm_dist.cli.train --config ...
 
-Restarting with the same run.out_dir resumes from the newest complete checkpoint there.
+Restarting with the same run.out_dir resumes from the newest complete checkpoint there, if
+its recipe (model, data, augmentation, optimiser, schedule, precision, the DeepSpeed JSON) is
+unchanged; world size, micro-batch, paths, threads and logging may change freely.
 """
 import argparse
 import sys
@@ -16,6 +18,11 @@ def build_parser():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="experiment YAML (configs/*.yaml)")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=4e-3 run.out_dir=runs/x")
+    p.add_argument("--resume", metavar="PATH", default=None,
+                   help="start from this checkpoint (a run dir or a step* folder) when run.out_dir has none of "
+                        "its own: branch an experiment (add run.allow_recipe_change=true to change its recipe)")
+    p.add_argument("--fresh", action="store_true",
+                   help="move run.out_dir's checkpoints aside (renamed, never deleted) and start from scratch")
     # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment is what we use.
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
@@ -25,8 +32,12 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from stm_dist.engine.config import ConfigError, load
 
+    from stm_dist.engine.config import check_model_name
+
+    extra = ([f"run.resume_from={args.resume}"] if args.resume else []) + (["run.fresh=true"] if args.fresh else [])
     try:
-        cfg = load(args.config, args.overrides)
+        cfg = load(args.config, list(args.overrides) + extra)
+        check_model_name(cfg)
     except ConfigError as e:
         print(f"stm-train: config error: {e}", file=sys.stderr)
         return 2

@@ -4,13 +4,16 @@ finding the newest complete one, and conversion to DeepSpeed's universal format.
 Layout under <run>/checkpoints/:
     step000001234/                  DeepSpeed's files (model, optimizer partitions)
         stm_rank<r>.pt              our state for rank r: step, epoch, data iterators, RNG, EMA (rank 0)
-        COMPLETE                    JSON written by rank 0 after every rank finished: step, world
-                                    size, ZeRO stage, config hash and the size of every file
+        COMPLETE                    JSON written by rank 0 after every rank finished and every file
+                                    was fsync'ed: step, world size, ZeRO stage, the recipe, the size
+                                    and sha256 of every file
 A checkpoint without COMPLETE, or whose files no longer have the recorded sizes (torn copy,
-truncated file), is skipped with a message and the previous one is used.
+truncated file) or, when resuming, checksums (bit flips), is skipped with a message naming the
+file, and the previous one is used.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -34,15 +37,43 @@ def _atomic_save(obj, path: str):
     os.replace(tmp, path)
 
 
-def _file_sizes(tag_dir: str) -> dict:
-    sizes = {}
+def _files(tag_dir: str) -> list[str]:
+    out = []
     for root, _, files in os.walk(tag_dir):
         for f in files:
-            full = os.path.join(root, f)
-            rel = os.path.relpath(full, tag_dir)
-            if rel != MARKER:
-                sizes[rel] = os.path.getsize(full)
-    return sizes
+            rel = os.path.relpath(os.path.join(root, f), tag_dir)
+            if rel != MARKER and not rel.endswith(".tmp"):
+                out.append(rel)
+    return sorted(out)
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync(path: str):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _durable_manifest(tag_dir: str) -> tuple[dict, dict]:
+    """Flush every file (and the folders) to disk, then (sizes, sha256) per file."""
+    sizes, hashes = {}, {}
+    for rel in _files(tag_dir):
+        full = os.path.join(tag_dir, rel)
+        _fsync(full)
+        sizes[rel] = os.path.getsize(full)
+        hashes[rel] = _sha256(full)
+    for root, _, _ in os.walk(tag_dir):
+        _fsync(root)
+    return sizes, hashes
 
 
 def save(engine, ckpt_dir: str, step: int, client: dict, meta: dict, keep_last: int, rank: int) -> str:
@@ -56,18 +87,23 @@ def save(engine, ckpt_dir: str, step: int, client: dict, meta: dict, keep_last: 
     _atomic_save(client, os.path.join(tag_dir, f"stm_rank{rank}.pt"))
     barrier()
     if rank == 0:
-        marker = dict(meta, step=step, files=_file_sizes(tag_dir))
+        sizes, hashes = _durable_manifest(tag_dir)
+        marker = dict(meta, step=step, files=sizes, sha256=hashes)
         tmp = os.path.join(tag_dir, MARKER + ".tmp")
         with open(tmp, "w") as f:
             json.dump(marker, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, os.path.join(tag_dir, MARKER))
+        _fsync(tag_dir)
         prune(ckpt_dir, keep_last)
     barrier()
     return tag
 
 
-def _check(tag_dir: str):
-    """(marker dict, None) for a complete checkpoint, (None, reason) otherwise."""
+def _check(tag_dir: str, verify: bool = False):
+    """(marker dict, None) for a complete checkpoint, (None, reason) otherwise. `verify` also
+    re-hashes every file against the marker (a bit flip keeps the size)."""
     path = os.path.join(tag_dir, MARKER)
     if not os.path.isfile(path):
         return None, "no COMPLETE marker (saving was interrupted)"
@@ -82,6 +118,10 @@ def _check(tag_dir: str):
             return None, f"file {rel} is missing"
         if os.path.getsize(full) != size:
             return None, f"file {rel} has {os.path.getsize(full)} bytes, {size} were written"
+    if verify:
+        for rel, digest in marker.get("sha256", {}).items():
+            if _sha256(os.path.join(tag_dir, rel)) != digest:
+                return None, f"file {rel} does not match its checksum (changed on disk after it was written)"
     return marker, None
 
 
@@ -92,10 +132,10 @@ def _tags(ckpt_dir: str) -> list[str]:
                   if t.startswith("step") and t[4:].isdigit() and os.path.isdir(os.path.join(ckpt_dir, t)))
 
 
-def latest_complete(ckpt_dir: str, warn=print):
+def latest_complete(ckpt_dir: str, warn=print, verify: bool = False):
     """The newest complete checkpoint as (tag, marker), or None. Skipped ones are reported."""
     for tag in reversed(_tags(ckpt_dir)):
-        marker, reason = _check(os.path.join(ckpt_dir, tag))
+        marker, reason = _check(os.path.join(ckpt_dir, tag), verify=verify)
         if marker is not None:
             return tag, marker
         warn(f"skipping checkpoint {os.path.join(ckpt_dir, tag)}: {reason}")
@@ -108,9 +148,58 @@ def prune(ckpt_dir: str, keep_last: int):
     complete = [t for t in tags if _check(os.path.join(ckpt_dir, t))[0] is not None]
     keep = set(complete[-keep_last:])
     oldest_kept = min(keep) if keep else None
+    universal = os.path.join(os.path.dirname(ckpt_dir), "checkpoints_universal")
     for t in tags:
         if t not in keep and oldest_kept is not None and t < oldest_kept:
             shutil.rmtree(os.path.join(ckpt_dir, t), ignore_errors=True)
+            # A conversion for another world size goes with the checkpoint it came from.
+            shutil.rmtree(os.path.join(universal, t), ignore_errors=True)
+
+
+def decide_resume(ckpt_dir: str, resume_from: str | None, rank: int, warn=print):
+    """Collective: (checkpoints dir, (tag, marker) or None), chosen by rank 0 for every rank.
+    The run's own newest complete checkpoint wins; else `resume_from` (a run dir or one
+    checkpoint's folder) when given."""
+    import torch.distributed as dist
+
+    from .config import ConfigError
+
+    choice = [None]
+    if rank == 0:
+        try:
+            found = latest_complete(ckpt_dir, warn=warn, verify=True)
+            if found is not None:
+                choice = [(ckpt_dir, found)]
+            elif resume_from:
+                from .export import locate
+
+                src, tag, marker = locate(resume_from, warn=warn)
+                warn(f"starting from {os.path.join(src, tag)} (--resume)")
+                choice = [(src, (tag, marker))]
+            else:
+                choice = [(ckpt_dir, None)]
+        except (OSError, ValueError) as e:  # every rank must hear of it, or the others wait forever
+            choice = [("error", f"'run.resume_from': {e}")]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(choice, src=0)
+    if choice[0][0] == "error":
+        raise ConfigError(choice[0][1])
+    return choice[0]
+
+
+def move_aside(run_dir: str) -> str | None:
+    """Rename the run's checkpoint folders to *.moved-<time> (never delete); return the new name."""
+    import time
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    moved = None
+    for name in ("checkpoints", "checkpoints_universal"):
+        src = os.path.join(run_dir, name)
+        if os.path.isdir(src) and os.listdir(src):
+            dst = f"{src}.moved-{stamp}"
+            os.replace(src, dst)
+            moved = moved or dst
+    return moved
 
 
 def load_client(tag_dir: str, rank: int) -> dict:

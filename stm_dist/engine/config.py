@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
-import json
 import os
 import typing
 from dataclasses import dataclass, field
@@ -117,6 +115,13 @@ class RunConfig:
     out_dir: str = "runs/default"
     # Also write the live (gathered) weights at the end as live_weights.pt, to check exports.
     dump_live_weights: bool = False
+    # Continue a checkpoint whose recipe differs from this config (the differences are logged).
+    allow_recipe_change: bool = False
+    # Start from this checkpoint (a run dir or one checkpoint's folder) when out_dir has none of
+    # its own: branching an experiment (stm-train --resume PATH).
+    resume_from: Optional[str] = None
+    # Move out_dir's checkpoints aside (never deleted) and start afresh (stm-train --fresh).
+    fresh: bool = False
 
 
 @dataclass
@@ -135,14 +140,10 @@ class ExperimentConfig:
         return dataclasses.asdict(self)
 
     def hash(self) -> str:
-        """Identity of the recipe: everything except where the run lives and when it stops."""
-        d = self.to_dict()
-        d.pop("run")
-        d["schedule"].pop("max_steps")
-        for k in ("log_every", "compile", "channels_last"):  # how, not what, is trained
-            d["train"].pop(k)
-        d.pop("checkpoint")
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        """Identity of the recipe: what is trained, not where or how (engine/recipe.py)."""
+        from .recipe import recipe, recipe_hash
+
+        return recipe_hash(recipe(self))
 
 
 _CHOICES = {
@@ -155,6 +156,7 @@ _PATH_KEYS = (
     ("data", "val_shards"),
     ("deepspeed", "config"),
     ("model", "pretrained"),
+    ("run", "resume_from"),
 )
 
 
@@ -265,23 +267,63 @@ def validate(cfg: ExperimentConfig, source: str = "<config>"):
     for (sec, key), choices in _CHOICES.items():
         v = getattr(getattr(cfg, sec), key)
         need(v in choices, f"{sec}.{key}", f"must be one of {list(choices)}, got {v!r}")
-    t, o, s = cfg.train, cfg.optim, cfg.schedule
-    need(t.global_batch > 0, "train.global_batch", "must be > 0")
-    need(t.micro_batch > 0, "train.micro_batch", "must be > 0")
+    t, o, s, a, d, m = cfg.train, cfg.optim, cfg.schedule, cfg.augment, cfg.data, cfg.model
+    need(t.global_batch > 0, "train.global_batch", f"must be > 0, got {t.global_batch}")
+    need(t.micro_batch > 0, "train.micro_batch", f"must be > 0, got {t.micro_batch}")
     need(t.global_batch % t.micro_batch == 0, "train.global_batch",
          f"({t.global_batch}) must be a multiple of train.micro_batch ({t.micro_batch})")
-    need(0.0 <= t.ema_decay < 1.0, "train.ema_decay", "must be in [0, 1)")
-    need(t.log_every > 0, "train.log_every", "must be > 0")
-    need(o.lr > 0, "optim.lr", "must be > 0")
+    need(0.0 <= t.ema_decay < 1.0, "train.ema_decay", f"must be in [0, 1), got {t.ema_decay}")
+    need(t.log_every > 0, "train.log_every", f"must be > 0, got {t.log_every}")
+    need(t.eval_every_epochs >= 1, "train.eval_every_epochs", f"must be >= 1, got {t.eval_every_epochs}")
+    need(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+    for key in ("warmup_init_lr", "min_lr", "weight_decay"):
+        v = getattr(o, key)
+        need(v >= 0, f"optim.{key}", f"must be >= 0, got {v}")
+    need(o.weight_decay_end is None or o.weight_decay_end >= 0, "optim.weight_decay_end",
+         f"must be >= 0, got {o.weight_decay_end}")
+    need(o.eps > 0, "optim.eps", f"must be > 0, got {o.eps}")
     need(len(o.betas) == 2, "optim.betas", "must have two values")
-    need(o.clip_grad >= 0, "optim.clip_grad", "must be >= 0 (0 = off)")
-    need(s.epochs > 0, "schedule.epochs", "must be > 0")
-    need(s.warmup_epochs >= 0, "schedule.warmup_epochs", "must be >= 0")
-    need(s.max_steps is None or s.max_steps > 0, "schedule.max_steps", "must be > 0")
-    need(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+    need(all(0.0 <= b < 1.0 for b in o.betas), "optim.betas", f"must both be in [0, 1), got {o.betas}")
+    need(o.clip_grad >= 0, "optim.clip_grad", f"must be >= 0 (0 = off), got {o.clip_grad}")
+    need(s.epochs > 0, "schedule.epochs", f"must be > 0, got {s.epochs}")
+    need(s.warmup_epochs >= 0, "schedule.warmup_epochs", f"must be >= 0, got {s.warmup_epochs}")
+    need(s.warmup_epochs <= s.epochs, "schedule.warmup_epochs",
+         f"({s.warmup_epochs}) must not exceed schedule.epochs ({s.epochs})")
+    # The original builds the warm-up ramp only when warmup_epochs > 0; warmup_steps then only
+    # changes its length. Alone it would be silently ignored, so it is refused.
+    need(s.warmup_steps <= 0 or s.warmup_epochs > 0, "schedule.warmup_steps",
+         f"({s.warmup_steps}) only takes effect with schedule.warmup_epochs > 0 (as in the original); "
+         f"set warmup_epochs >= 1 or warmup_steps=-1")
+    need(s.max_steps is None or s.max_steps > 0, "schedule.max_steps", f"must be > 0, got {s.max_steps}")
+    for key in ("switch_prob", "reprob"):
+        v = getattr(a, key)
+        need(0.0 <= v <= 1.0, f"augment.{key}", f"is a probability: must be in [0, 1], got {v}")
+    need(0.0 <= a.smoothing < 1.0, "augment.smoothing", f"must be in [0, 1), got {a.smoothing}")
+    for key in ("mixup", "cutmix"):
+        v = getattr(a, key)
+        need(v >= 0, f"augment.{key}", f"(a Beta alpha; 0 = off) must be >= 0, got {v}")
+    need(0.0 < d.crop_pct <= 1.0, "data.crop_pct", f"must be in (0, 1], got {d.crop_pct}")
+    need(d.num_threads >= 1, "data.num_threads", f"must be >= 1, got {d.num_threads}")
+    need(d.eval_batch >= 1, "data.eval_batch", f"must be >= 1, got {d.eval_batch}")
+    need(m.num_classes >= 1, "model.num_classes", f"must be >= 1, got {m.num_classes}")
+    need(m.img_size > 0, "model.img_size", f"must be > 0, got {m.img_size}")
+    need(m.drop_path_rate is None or 0.0 <= m.drop_path_rate < 1.0, "model.drop_path_rate",
+         f"must be in [0, 1), got {m.drop_path_rate}")
+    need(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1, got {cfg.checkpoint.keep_last}")
     need(cfg.checkpoint.every_epochs >= 0, "checkpoint.every_epochs", "must be >= 0 (0 = off)")
     need(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be >= 0 (0 = epoch ends only)")
-    need(cfg.model.img_size > 0, "model.img_size", "must be > 0")
+
+
+def check_model_name(cfg: ExperimentConfig):
+    """An unknown model.name names the closest registered ones (imports the model registry)."""
+    from stm_dist.models import list_models
+
+    known = list_models()
+    if cfg.model.name not in known:
+        close = difflib.get_close_matches(cfg.model.name, known, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else \
+            f"; registered: {', '.join(sorted(known))}"
+        raise ConfigError(f"'model.name': unknown model {cfg.model.name!r}{hint}")
 
 
 def resolve_path(path: str) -> str:
@@ -311,4 +353,11 @@ def check_paths(cfg: ExperimentConfig, need_train: bool = True, need_val: bool =
 
 def dump(cfg: ExperimentConfig, path: str):
     with open(path, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+
+
+def append_history(cfg: ExperimentConfig, path: str, when: str):
+    """One YAML document per start, never overwritten: what each (re)start actually ran."""
+    with open(path, "a") as f:
+        f.write(f"--- # started {when}\n")
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)

@@ -18,13 +18,13 @@ def locate(path: str, warn=print) -> tuple[str, str, dict]:
     (checkpoints dir, tag, COMPLETE marker) of the newest complete checkpoint there."""
     path = os.path.abspath(path)
     if os.path.isfile(os.path.join(path, ckpt.MARKER)) or os.path.basename(path).startswith("step"):
-        marker, reason = ckpt._check(path)
+        marker, reason = ckpt._check(path, verify=True)
         if marker is None:
             raise FileNotFoundError(f"checkpoint {path} is not complete: {reason}")
         return os.path.dirname(path), os.path.basename(path), marker
     for cdir in (os.path.join(path, "checkpoints"), path):
         if os.path.isdir(cdir):
-            found = ckpt.latest_complete(cdir, warn=warn)
+            found = ckpt.latest_complete(cdir, warn=warn, verify=True)
             if found:
                 return cdir, found[0], found[1]
     raise FileNotFoundError(f"no complete checkpoint under {path} (expected a run directory, its "

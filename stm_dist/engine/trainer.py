@@ -19,6 +19,7 @@ from . import checkpoint as ckpt
 from . import config as config_mod
 from . import ds_setup
 from . import preemption
+from . import recipe as recipe_mod
 from .distributed import accelerator_name, barrier, init
 from .ema import ShardedEMA, gathered
 from .evaluate import evaluate
@@ -72,11 +73,20 @@ class Trainer:
         config_mod.check_paths(cfg)
         self.run_dir = os.path.abspath(cfg.run.out_dir)
         self.ckpt_dir = os.path.join(self.run_dir, "checkpoints")
+        moved = None
         if self.rank == 0:
+            if cfg.run.fresh:
+                moved = ckpt.move_aside(self.run_dir)
             os.makedirs(self.ckpt_dir, exist_ok=True)
-            config_mod.dump(cfg, os.path.join(self.run_dir, "config.yaml"))
+            first = os.path.join(self.run_dir, "config.yaml")
+            if not os.path.exists(first):  # the run's first config stays; every start is appended below
+                config_mod.dump(cfg, first)
+            config_mod.append_history(cfg, os.path.join(self.run_dir, "config_history.yaml"),
+                                      time.strftime("%Y-%m-%d %H:%M:%S %z"))
         barrier()
         self.log = RunLog(self.run_dir, self.rank)
+        if moved:
+            self.log.info(f"--fresh: moved the earlier checkpoints aside to {moved}")
 
         from stm_dist.data import build_train_loader, read_manifest
 
@@ -118,13 +128,18 @@ class Trainer:
         model = prepare_model(model, self.world, channels_last)  # SyncBatchNorm, memory format
         groups = param_groups(model, weight_decay=cfg.optim.weight_decay)
 
-        self.resume = ckpt.latest_complete(self.ckpt_dir, warn=self.log.info)
-        load_dir, universal = self.ckpt_dir, False
+        # One decision for all ranks: rank 0 reads the directory and tells the others (node-local
+        # disks or NFS attribute caches can show ranks different listings).
+        self.src_dir, self.resume = ckpt.decide_resume(self.ckpt_dir, cfg.run.resume_from, self.rank,
+                                                       warn=self.log.info)
+        if self.resume:
+            self._check_recipe(*self.resume)
+        load_dir, universal = self.src_dir, False
         if self.resume and int(self.resume[1]["world_size"]) != self.world:
             universal = True
             load_dir = os.path.join(self.run_dir, "checkpoints_universal")
             if self.rank == 0:
-                ckpt.to_universal(self.ckpt_dir, self.resume[0], load_dir,
+                ckpt.to_universal(self.src_dir, self.resume[0], load_dir,
                                   int(self.resume[1]["zero_stage"]), log=self.log.info)
             barrier()
         built = ds_setup.build(cfg, self.world, self.accel, load_universal=universal)
@@ -171,9 +186,28 @@ class Trainer:
             "config_hash": self.cfg.hash(), "config": self.cfg.to_dict(),
         }
 
+    def _check_recipe(self, tag: str, marker: dict):
+        where = os.path.join(self.src_dir, tag)
+        if "recipe" not in marker:  # written before recipes were recorded
+            if marker.get("config_hash") != self.cfg.hash():
+                self.log.info(f"warning: {where} records no recipe to compare; continuing it")
+            return
+        diffs = recipe_mod.differences(marker["recipe"], recipe_mod.recipe(self.cfg))
+        if not diffs:
+            return
+        listing = "\n  ".join(diffs)
+        if self.cfg.run.allow_recipe_change:
+            self.log.info(f"run.allow_recipe_change=true: continuing {where} with a changed recipe:\n  {listing}")
+            return
+        raise config_mod.ConfigError(
+            f"{where} was trained with another recipe (saved -> now):\n  {listing}\n"
+            f"Use another run.out_dir, pass --fresh to move these checkpoints aside, or set "
+            f"run.allow_recipe_change=true to continue with the change.")
+
     def save(self) -> str:
         meta = {"world_size": self.world, "zero_stage": self.zero_stage, "precision": self.precision,
-                "model": self.cfg.model.name, "epoch": self.epoch, "config_hash": self.cfg.hash()}
+                "model": self.cfg.model.name, "epoch": self.epoch, "config_hash": self.cfg.hash(),
+                "recipe": recipe_mod.recipe(self.cfg)}
         tag = ckpt.save(self.engine, self.ckpt_dir, self.step, self._client_state(), meta,
                         self.cfg.checkpoint.keep_last, self.rank)
         self.log.info(f"saved checkpoint {tag} (epoch {self.epoch}, step {self.step})")
@@ -181,10 +215,7 @@ class Trainer:
 
     def _load(self, load_dir: str, universal: bool):
         tag, marker = self.resume
-        tag_dir = os.path.join(self.ckpt_dir, tag)
-        if marker.get("config_hash") != self.cfg.hash():
-            self.log.info(f"warning: resuming {tag} saved with a different recipe "
-                          f"(config hash {marker.get('config_hash')} != {self.cfg.hash()})")
+        tag_dir = os.path.join(self.src_dir, tag)
         path, _ = self.engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
                                               load_lr_scheduler_states=False)
         if path is None:

@@ -128,3 +128,60 @@ def test_zero0_uses_our_fused_adamw_and_clipping():
     built = ds_setup.build(cfg, world_size=1, accelerator="cpu")
     assert built.own_optimizer and "optimizer" not in built.ds and built.ds["gradient_clipping"] == 0.0
     assert built.precision.loss_scale["init_scale"] == 65536.0
+
+
+@pytest.mark.parametrize("override, named", [
+    ("augment.reprob=1.5", "'augment.reprob' is a probability: must be in [0, 1], got 1.5"),
+    ("augment.switch_prob=-0.1", "'augment.switch_prob' is a probability"),
+    ("augment.smoothing=1.0", "'augment.smoothing' must be in [0, 1)"),
+    ("augment.mixup=-1", "'augment.mixup' (a Beta alpha; 0 = off) must be >= 0"),
+    ("train.micro_batch=0", "'train.micro_batch' must be > 0, got 0"),
+    ("train.global_batch=-8", "'train.global_batch' must be > 0"),
+    ("train.eval_every_epochs=0", "'train.eval_every_epochs' must be >= 1, got 0"),
+    ("optim.betas=[0.9, 1.0]", "'optim.betas' must both be in [0, 1)"),
+    ("optim.weight_decay=-0.05", "'optim.weight_decay' must be >= 0"),
+    ("optim.lr=0", "'optim.lr' must be > 0"),
+    ("optim.eps=0", "'optim.eps' must be > 0"),
+    ("model.num_classes=0", "'model.num_classes' must be >= 1, got 0"),
+    ("model.drop_path_rate=1.0", "'model.drop_path_rate' must be in [0, 1)"),
+    ("data.crop_pct=0", "'data.crop_pct' must be in (0, 1]"),
+    ("data.num_threads=0", "'data.num_threads' must be >= 1"),
+    ("schedule.warmup_epochs=400", "'schedule.warmup_epochs' (400) must not exceed schedule.epochs (300)"),
+    ("checkpoint.keep_last=0", "'checkpoint.keep_last' must be >= 1"),
+])
+def test_out_of_range_values_are_named(override, named):
+    with pytest.raises(ConfigError) as e:
+        load(SWIN, [override])
+    assert named in str(e.value), str(e.value)
+
+
+def test_warmup_steps_without_warmup_epochs_is_refused_not_ignored():
+    with pytest.raises(ConfigError, match=r"'schedule.warmup_steps' \(50\) only takes effect with"):
+        load(SWIN, ["schedule.warmup_epochs=0", "schedule.warmup_steps=50"])
+    assert load(SWIN, ["schedule.warmup_steps=50"]).schedule.warmup_steps == 50
+
+
+def test_unknown_model_name_names_close_matches():
+    from stm_dist.engine.config import check_model_name
+
+    with pytest.raises(ConfigError, match=r"'model.name': unknown model 'unified_swim_tiny'; did you mean "
+                                          r"'unified_swin_tiny'"):
+        check_model_name(load(SWIN, ["model.name=unified_swim_tiny"]))
+
+
+def test_recipe_covers_what_is_trained_and_not_how_it_runs(tmp_path):
+    from stm_dist.engine.recipe import differences, recipe
+
+    base = load(SWIN)
+    same = load(SWIN, ["train.micro_batch=64", "data.num_threads=7", "train.log_every=3", "run.out_dir=/x",
+                       "checkpoint.every_steps=5", "data.train_shards=/a", "schedule.max_steps=9"])
+    assert base.hash() == same.hash() and not differences(recipe(base), recipe(same))
+    lr = load(SWIN, ["optim.lr=2e-3"])
+    assert differences(recipe(base), recipe(lr)) == ["optim.lr: 0.001 -> 0.002"]
+    ds = json.load(open(os.path.join(REPO_ROOT, base.deepspeed.config)))
+    ds["mixed_precision"] = {"dtype": "fp32"}
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    other = load(SWIN, [f"deepspeed.config={tmp_path / 'ds.json'}"])
+    check_paths(base, need_train=False, need_val=False)
+    assert differences(recipe(base), recipe(other)) == [
+        'deepspeed.json.mixed_precision: {"dtype": "bf16"} -> {"dtype": "fp32"}']
