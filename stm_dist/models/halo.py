@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import Mlp, drop_path_or_identity, layer_scale
+from .layers import MaskCache, Mlp, drop_path_or_identity, layer_scale
 
 __all__ = ["HaloBlock", "HaloAttention", "QueryRelatedPosEmbed", "MODELS"]
 
@@ -45,6 +45,10 @@ class QueryRelatedPosEmbed(nn.Module):
         return logits.reshape(*lead, bs * bs, win * win)
 
 
+# Key masks per resolution, shared by every block (and model) of the process; bounded.
+_MASKS = MaskCache(maxsize=16)
+
+
 def halo_key_mask(H: int, W: int, block_size: int, halo_size: int, device=None) -> torch.Tensor:
     """(nblocks, 1, win*win) bool, True where a window position lies inside the real image."""
     Hp, Wp = -(-H // block_size) * block_size, -(-W // block_size) * block_size
@@ -56,8 +60,15 @@ def halo_key_mask(H: int, W: int, block_size: int, halo_size: int, device=None) 
 
 
 class HaloAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, block_size: int = 7, halo_size: int = 3):
+    """Blocked local attention. `fused_attn=True` runs F.scaled_dot_product_attention with the
+    query-related position logits plus the padding mask (-inf) as its additive attn_mask; False
+    keeps the explicit path (masked with -finfo.max, as the original). Every query sees at least
+    its own block's real pixels, so no row is fully masked and both give exact zeros there."""
+
+    def __init__(self, dim: int, num_heads: int, block_size: int = 7, halo_size: int = 3,
+                 fused_attn: bool = True):
         super().__init__()
+        self.fused_attn = fused_attn
         if dim % num_heads:
             raise ValueError(f"HaloAttention: dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
@@ -70,15 +81,18 @@ class HaloAttention(nn.Module):
         self.q = nn.Linear(dim, num_heads * self.dim_head_qk, bias=False)
         self.pos_embed = QueryRelatedPosEmbed(block_size, self.win_size, self.dim_head_qk)
         self.proj = nn.Linear(num_heads * self.dim_head_v, dim)
-        self._mask_cache = {}
 
-    def _key_mask(self, H, W, device):
-        if torch.compiler.is_compiling():
-            return halo_key_mask(H, W, self.block_size, self.halo_size, device)
-        key = (H, W, str(device))
-        if key not in self._mask_cache:
-            self._mask_cache[key] = halo_key_mask(H, W, self.block_size, self.halo_size, device)
-        return self._mask_cache[key]
+    def _key_mask(self, H, W, device, dtype=None):
+        """Bool key mask, or (dtype given) the same as an additive 0/-inf float mask."""
+        bs, hs = self.block_size, self.halo_size
+
+        def build():
+            valid = halo_key_mask(H, W, bs, hs, device)
+            if dtype is None:
+                return valid
+            return torch.zeros(valid.shape, device=device, dtype=dtype).masked_fill(~valid, float("-inf"))
+
+        return _MASKS.get((H, W, bs, hs, str(device), dtype), build)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # NHWC -> NHWC
         B, H, W, _ = x.shape
@@ -98,11 +112,16 @@ class HaloAttention(nn.Module):
         kv = kv.reshape(B, h, dqk + dv, nb, win * win).permute(0, 1, 3, 4, 2)
         k, v = kv.split([dqk, dv], dim=-1)
 
-        attn = (q * self.scale) @ k.transpose(-1, -2) + self.pos_embed(q)  # (B, h, nb, bs², win²)
-        mask = self._key_mask(H, W, x.device)
-        attn = attn.masked_fill(~mask, -torch.finfo(attn.dtype).max).softmax(dim=-1)
+        if self.fused_attn:
+            attn_mask = self.pos_embed(q) + self._key_mask(H, W, x.device, q.dtype)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale)
+        else:
+            attn = (q * self.scale) @ k.transpose(-1, -2) + self.pos_embed(q)  # (B, h, nb, bs², win²)
+            mask = self._key_mask(H, W, x.device)
+            attn = attn.masked_fill(~mask, -torch.finfo(attn.dtype).max).softmax(dim=-1)
+            out = attn @ v
 
-        out = (attn @ v).reshape(B, h, nbh, nbw, bs, bs, dv).permute(0, 2, 4, 3, 5, 1, 6)
+        out = out.reshape(B, h, nbh, nbw, bs, bs, dv).permute(0, 2, 4, 3, 5, 1, 6)
         out = out.reshape(B, Hp, Wp, h * dv)[:, :H, :W, :]
         return self.proj(out)
 
@@ -112,12 +131,12 @@ class HaloBlock(nn.Module):
 
     def __init__(self, dim, drop_path=0.0, stage=0, depth=0, total_depth=0, input_resolution=None,
                  layer_scale_init_value=1e-6, num_heads=(3, 6, 12, 24), block_size=7, halo_size=3,
-                 mlp_ratio=4):
+                 mlp_ratio=4, fused_attn=True):
         super().__init__()
         self.gamma_1 = layer_scale((1, 1, 1, dim), layer_scale_init_value)
         self.gamma_2 = layer_scale((1, 1, 1, dim), layer_scale_init_value)
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = HaloAttention(dim, num_heads[stage], block_size, halo_size)
+        self.attn = HaloAttention(dim, num_heads[stage], block_size, halo_size, fused_attn)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = drop_path_or_identity(drop_path)

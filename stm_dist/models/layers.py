@@ -3,12 +3,15 @@
 Module attribute names (`fc1`, `fc2`, `weight`, `bias`) are part of the checkpoint format: they
 match the original state-dict keys, so they must not be renamed.
 """
+import threading
+from collections import OrderedDict
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath
 
-__all__ = ["LayerNorm2d", "Mlp", "drop_path_or_identity", "to_2tuple"]
+__all__ = ["LayerNorm2d", "Mlp", "drop_path_or_identity", "to_2tuple", "MaskCache", "set_fused_attn"]
 
 
 def to_2tuple(v):
@@ -57,3 +60,56 @@ def layer_scale(shape, init_value: float):
     if init_value is None or init_value <= 0:
         return None
     return nn.Parameter(init_value * torch.ones(shape))
+
+
+class MaskCache:
+    """A bounded LRU of constant tensors (attention masks) keyed by resolution, device and dtype.
+
+    One instance per mixer module is shared by every block of every model in the process, so a
+    mask is built once per resolution rather than once per block, and feeding many different
+    input sizes evicts old masks instead of growing memory without bound. Under torch.compile the
+    mask is built inside the graph (a constant Dynamo folds), so the cache never has to be traced.
+    """
+
+    def __init__(self, maxsize: int = 16):
+        self.maxsize = maxsize
+        self._store = OrderedDict()
+        self._lock = threading.Lock()  # data-loader threads or several models may share it
+
+    def get(self, key, build):
+        if torch.compiler.is_compiling():
+            return build()
+        with self._lock:
+            hit = self._store.get(key)
+            if hit is not None:
+                self._store.move_to_end(key)
+                return hit
+        value = build()
+        with self._lock:
+            self._store[key] = value
+            self._store.move_to_end(key)
+            while len(self._store) > self.maxsize:
+                self._store.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._store.clear()
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+
+def set_fused_attn(model: nn.Module, enabled: bool = True) -> int:
+    """Switch every attention module of `model` between F.scaled_dot_product_attention (True)
+    and the explicit matmul-softmax-matmul path (False); returns how many modules were switched.
+
+    Both paths compute the same function (the explicit one in the original's operation order);
+    the explicit path stays available for debugging and for bit-level comparisons.
+    """
+    n = 0
+    for m in model.modules():
+        if hasattr(m, "fused_attn") and isinstance(getattr(m, "fused_attn"), bool):
+            m.fused_attn = bool(enabled)
+            n += 1
+    return n

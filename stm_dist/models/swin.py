@@ -2,7 +2,7 @@
 
 Beyond the original: any input size works. The feature map is zero-padded (bottom/right) to a
 multiple of the window, padded keys are masked out, and the shift mask is built for each
-resolution and cached. At the construction resolution the persistent `attn_mask` buffer is used
+resolution and kept in a small LRU shared by all blocks. At the construction resolution the persistent `attn_mask` buffer is used
 as is (it stays in the state dict for key parity), so 224x224 outputs are the original's.
 """
 import torch
@@ -10,12 +10,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
-from .layers import LayerNorm2d, Mlp, drop_path_or_identity, layer_scale
+from .layers import LayerNorm2d, MaskCache, Mlp, drop_path_or_identity, layer_scale
 
 __all__ = ["SwinBlock", "WindowAttention", "window_partition", "window_reverse", "shift_window_mask",
            "MODELS"]
 
 _MASK_VALUE = -100.0  # the original's additive mask value
+# Shift/padding masks of resolutions other than the construction one, shared by all blocks.
+_MASKS = MaskCache(maxsize=16)
 
 
 def window_partition(x: torch.Tensor, ws: int) -> torch.Tensor:
@@ -61,14 +63,21 @@ def shift_window_mask(H: int, W: int, Hp: int, Wp: int, ws: int, shift: int, dev
 
 
 class WindowAttention(nn.Module):
-    """Multi-head self-attention inside a window, with a learned relative position bias."""
+    """Multi-head self-attention inside a window, with a learned relative position bias.
 
-    def __init__(self, dim: int, num_heads: int, window_size: int, qkv_bias: bool = True):
+    `fused_attn=True` runs F.scaled_dot_product_attention with the bias (plus the shift/padding
+    mask) as its additive attn_mask; False keeps the explicit matmul-softmax-matmul in the
+    original's order. Same function; rounding differs within the parity tolerances.
+    """
+
+    def __init__(self, dim: int, num_heads: int, window_size: int, qkv_bias: bool = True,
+                 fused_attn: bool = True):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
         self.window_size = window_size
+        self.fused_attn = fused_attn
         self.relative_position_bias_table = nn.Parameter(
             torch.zeros((2 * window_size - 1) ** 2, num_heads))
         coords = torch.stack(torch.meshgrid(torch.arange(window_size), torch.arange(window_size),
@@ -80,13 +89,30 @@ class WindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         trunc_normal_(self.relative_position_bias_table, std=0.02)
 
+    def _bias(self, N: int) -> torch.Tensor:
+        """(h, N, N) relative position bias."""
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        return bias.view(N, N, self.num_heads).permute(2, 0, 1)
+
     def forward(self, x: torch.Tensor, mask=None) -> torch.Tensor:
         B_, N, C = x.shape
         h = self.num_heads
         q, k, v = self.qkv(x).reshape(B_, N, 3, h, C // h).permute(2, 0, 3, 1, 4).unbind(0)
+        bias = self._bias(N).to(q.dtype)
+        if self.fused_attn:
+            if mask is None:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0), scale=self.scale)
+            else:
+                # Windows of one image are consecutive in B_: a free view to (B, nW, h, N, d) lets
+                # one (nW, h, N, N) mask broadcast over the batch instead of being copied B times.
+                nW = mask.shape[0]
+                attn_mask = bias.unsqueeze(0) + mask.to(q.dtype).unsqueeze(1)
+                q, k, v = (t.view(B_ // nW, nW, h, N, C // h) for t in (q, k, v))
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale)
+                out = out.view(B_, h, N, C // h)
+            return self.proj(out.transpose(1, 2).reshape(B_, N, C))
         attn = (q * self.scale) @ k.transpose(-2, -1)
-        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
-        attn = attn + bias.view(N, N, h).permute(2, 0, 1).unsqueeze(0)
+        attn = attn + bias.unsqueeze(0)
         if mask is not None:
             nW = mask.shape[0]
             attn = attn.view(B_ // nW, nW, h, N, N) + mask.to(attn.dtype).unsqueeze(1).unsqueeze(0)
@@ -97,7 +123,8 @@ class WindowAttention(nn.Module):
 
 class SwinBlock(nn.Module):
     def __init__(self, dim, drop_path=0.0, stage=0, depth=0, total_depth=0, input_resolution=(56, 56),
-                 layer_scale_init_value=1e-6, num_heads=(3, 6, 12, 24), window_size=7, mlp_ratio=4):
+                 layer_scale_init_value=1e-6, num_heads=(3, 6, 12, 24), window_size=7, mlp_ratio=4,
+                 fused_attn=True):
         super().__init__()
         self.input_resolution = tuple(input_resolution)
         shift = 0 if depth % 2 == 0 else window_size // 2
@@ -116,21 +143,22 @@ class SwinBlock(nn.Module):
         else:
             self.attn_mask = None
         self.norm1 = LayerNorm2d(dim)
-        self.attn = WindowAttention(dim, num_heads[stage], window_size)
+        self.attn = WindowAttention(dim, num_heads[stage], window_size, fused_attn=fused_attn)
         self.norm2 = LayerNorm2d(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = drop_path_or_identity(drop_path)
-        self._mask_cache = {}
 
-    def _mask(self, H, W, Hp, Wp, shift, device):
-        if (H, W) == self.input_resolution and self.attn_mask is not None:
+    def _mask(self, H, W, Hp, Wp, shift, device, dtype):
+        if (H, W) == self.input_resolution and self.attn_mask is not None and shift == self.shift_size:
             return self.attn_mask
-        if torch.compiler.is_compiling():
-            return shift_window_mask(H, W, Hp, Wp, self.window_size, shift, device)
-        key = (H, W, shift, str(device))
-        if key not in self._mask_cache:
-            self._mask_cache[key] = shift_window_mask(H, W, Hp, Wp, self.window_size, shift, device)
-        return self._mask_cache[key]
+        ws = self.window_size
+        if shift == 0 and (H, W) == (Hp, Wp):
+            return None
+
+        def build():
+            return shift_window_mask(H, W, Hp, Wp, ws, shift, device).to(dtype)
+
+        return _MASKS.get((H, W, Hp, Wp, ws, shift, str(device), dtype), build)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # NCHW -> NCHW
         B, C, H, W = x.shape
@@ -145,7 +173,7 @@ class SwinBlock(nn.Module):
             y = F.pad(y, (0, 0, 0, Wp - W, 0, Hp - H))
         if s > 0:
             y = torch.roll(y, (-s, -s), (1, 2))
-        y = self.attn(window_partition(y, ws), self._mask(H, W, Hp, Wp, s, x.device))
+        y = self.attn(window_partition(y, ws), self._mask(H, W, Hp, Wp, s, x.device, x.dtype))
         y = window_reverse(y, ws, Hp, Wp)
         if s > 0:
             y = torch.roll(y, (s, s), (1, 2))

@@ -110,6 +110,10 @@ def meta_model(name: str, **overrides):
 def fast_model(name: str, **overrides):
     """Built on the meta device and filled by the fixture rule: skips the slow trunc_normal init."""
     model = meta_model(name, **overrides).to_empty(device="cpu")
+    computed = [k for k in model.state_dict() if k.endswith(("relative_position_index", "attn_mask"))]
+    if computed:  # to_empty leaves them uninitialised and the fixture rule does not fill them
+        raise ValueError(f"fast_model({name!r}): buffers computed at construction ({computed[0]}, ...); "
+                         "use create_model or filled_model")
     model.load_state_dict(fill_state_dict(model.state_dict(), torch.float32), strict=True)
     return model.eval()
 
