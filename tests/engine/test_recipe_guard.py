@@ -57,7 +57,7 @@ def test_changed_recipe_is_refused_then_allowed_branched_or_fresh(digits_shards,
     data = bytearray(open(victim, "rb").read())
     data[len(data) // 2] ^= 0x10
     open(victim, "wb").write(bytes(data))
-    p = _train(run, digits_shards, ["schedule.max_steps=3", "optim.lr=5e-3"])
+    p = _train(run, digits_shards, ["schedule.max_steps=3", "optim.lr=5e-3", "run.allow_recipe_change=true"])
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     log = open(os.path.join(run, "train.log")).read()
     assert "file stm_rank0.pt does not match its checksum" in log and "step000000002" in log
