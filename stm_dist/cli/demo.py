@@ -151,7 +151,7 @@ def _compare(a, out: str, shards: str, env: dict, times: dict, t_all: float) -> 
            for e in r["analyses"]["robustness"]}
     print("\n=== comparison (digits, micro models; not ImageNet-1k: the paper's numbers are not comparable)")
     for run in sorted(r["runs"], key=lambda x: MIXERS.index(x["mixer"]) if x["mixer"] in MIXERS else 9):
-        top1 = run["best_top1_ema"] if run["best_top1_ema"] is not None else run["best_top1"]
+        top1 = max((v for v in (run["best_top1"], run["best_top1_ema"]) if v is not None), default=None)
         p = pgd.get(run["model"])
         print(f"  {run['model']:24s} top-1 {top1 if top1 is not None else float('nan'):6.2f}%  "
               f"ERF 50% area {erf.get(run['model'], float('nan')):.3f}  PGD 1/255 top-1 "
