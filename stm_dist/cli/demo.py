@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     p.add_argument("--min-top1", type=float, default=97.0, help="fail below this validation top-1")
     p.add_argument("--compare", action="store_true",
                    help="train the five micro mixers, analyse each and write the comparison report")
-    p.add_argument("--compare-epochs", type=int, default=6, help="training epochs per mixer with --compare")
+    p.add_argument("--compare-epochs", type=int, default=5, help="training epochs per mixer with --compare")
     p.add_argument("--analysis-images", type=int, default=30,
                    help="validation images per analysis with --compare (robustness uses half)")
     p.add_argument("overrides", nargs="*", help="extra section.key=value for the training config")
