@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import MaskCache, Mlp, drop_path_or_identity, layer_scale
+from .layers import MaskCache, Mlp, drop_path_or_identity, layer_scale, sdpa_pays
 
 __all__ = ["HaloBlock", "HaloAttention", "QueryRelatedPosEmbed", "MODELS"]
 
@@ -61,7 +61,8 @@ def halo_key_mask(H: int, W: int, block_size: int, halo_size: int, device=None) 
 
 class HaloAttention(nn.Module):
     """Blocked local attention. `fused_attn=True` runs F.scaled_dot_product_attention with the
-    query-related position logits plus the padding mask (-inf) as its additive attn_mask; False
+    query-related position logits plus the padding mask (-inf) as its additive attn_mask (where
+    that pays, layers.sdpa_pays); False
     keeps the explicit path (masked with -finfo.max, as the original). Every query sees at least
     its own block's real pixels, so no row is fully masked and both give exact zeros there."""
 
@@ -112,7 +113,7 @@ class HaloAttention(nn.Module):
         kv = kv.reshape(B, h, dqk + dv, nb, win * win).permute(0, 1, 3, 4, 2)
         k, v = kv.split([dqk, dv], dim=-1)
 
-        if self.fused_attn:
+        if sdpa_pays(self.fused_attn, q, q.requires_grad or self.pos_embed.height_rel.requires_grad):
             attn_mask = self.pos_embed(q) + self._key_mask(H, W, x.device, q.dtype)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale)
         else:

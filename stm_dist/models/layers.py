@@ -11,7 +11,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath
 
-__all__ = ["LayerNorm2d", "Mlp", "drop_path_or_identity", "to_2tuple", "MaskCache", "set_fused_attn"]
+__all__ = ["LayerNorm2d", "Mlp", "drop_path_or_identity", "to_2tuple", "MaskCache", "set_fused_attn",
+           "sdpa_pays"]
+
+# On CPU, SDPA with an attention mask that needs a gradient (Swin's learned bias, Halo's
+# query-related logits) has no fused kernel: it runs torch's math reference, which measured
+# slower than our explicit path (micro blocks, forward+backward, 2 threads: SDPA took 0.9-1.6x
+# the explicit time, median 1.4x, for Swin and Halo stages 1-3).
+# Without a mask gradient (inference, PVT) the CPU flash kernel is used, and on CUDA the
+# memory-efficient kernel takes the mask gradient. Tests set this to compare both paths.
+SDPA_ON_CPU_WITH_MASK_GRAD = False
 
 
 def to_2tuple(v):
@@ -98,6 +107,15 @@ class MaskCache:
 
     def __len__(self) -> int:
         return len(self._store)
+
+
+def sdpa_pays(fused_attn: bool, q: torch.Tensor, mask_needs_grad: bool) -> bool:
+    """Whether a module with `fused_attn` set should call F.scaled_dot_product_attention now."""
+    if not fused_attn:
+        return False
+    if q.device.type == "cpu" and mask_needs_grad and torch.is_grad_enabled():
+        return SDPA_ON_CPU_WITH_MASK_GRAD
+    return True
 
 
 def set_fused_attn(model: nn.Module, enabled: bool = True) -> int:

@@ -19,13 +19,14 @@ __all__ = ["SpatialReductionAttention", "PvtBlock", "PvtV2Block", "MODELS"]
 class SpatialReductionAttention(nn.Module):
     """Multi-head attention whose keys/values come from a `sr_ratio`-strided conv of the tokens.
 
-    The attention is written out (matmul, softmax, matmul) in the original's operation order so
-    the 224x224 numbers match the original; the reduced key set (49 tokens at 224) keeps the
-    attention matrix small, so a fused kernel would buy little here.
+    `fused_attn=True` runs F.scaled_dot_product_attention (no mask); False writes the attention
+    out (matmul, softmax, matmul) in the original's operation order. Same function; rounding
+    differs within the parity tolerances.
     """
 
-    def __init__(self, dim, num_heads, qkv_bias=True, sr_ratio=1):
+    def __init__(self, dim, num_heads, qkv_bias=True, sr_ratio=1, fused_attn=True):
         super().__init__()
+        self.fused_attn = fused_attn
         if dim % num_heads != 0:
             raise ValueError(f"SpatialReductionAttention: dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
@@ -50,14 +51,30 @@ class SpatialReductionAttention(nn.Module):
         else:
             kv_src = x
         kv = self.kv(kv_src).reshape(B, -1, 2, h, C // h).permute(2, 0, 3, 1, 4)
-        k, v = kv[0], kv[1]
-        attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
-        x = (attn @ v).transpose(1, 2).reshape(B, N, C)
-        return self.proj(x)
+        k, v = kv.unbind(0)
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        else:
+            x = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1) @ v
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
-class PvtBlock(nn.Module):
-    """PVT-v1 block, NCHW in and out.
+class _TokenLayout:
+    """Blocks of a stage exchange (B, H, W, C) maps: the stage hooks switch layout once per stage,
+    so a block reads its tokens as a free (B, H*W, C) view instead of copying NCHW <-> tokens
+    twice per block (the original's `.contiguous()` pair). Same values, same rounding."""
+
+    @staticmethod
+    def pre_stage_transform(x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 2, 3, 1).contiguous()
+
+    @staticmethod
+    def post_stage_transform(x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 3, 1, 2).contiguous()
+
+
+class PvtBlock(_TokenLayout, nn.Module):
+    """PVT-v1 block, (B, H, W, C) in and out (see _TokenLayout).
 
     The first block of every stage owns a learned positional embedding that is added to the
     residual stream (classification variant of the original). It is stored at the construction
@@ -67,7 +84,7 @@ class PvtBlock(nn.Module):
     """
 
     def __init__(self, dim, drop_path, stage, depth, total_depth, input_resolution, layer_scale_init_value,
-                 num_heads, mlp_ratios, sr_ratios, qkv_bias=True):
+                 num_heads, mlp_ratios, sr_ratios, qkv_bias=True, fused_attn=True):
         super().__init__()
         if depth == 0:
             self.pos_embed = nn.Parameter(torch.zeros(1, dim, *input_resolution))
@@ -77,26 +94,27 @@ class PvtBlock(nn.Module):
         self.gamma_1 = layer_scale(dim, layer_scale_init_value)
         self.gamma_2 = layer_scale(dim, layer_scale_init_value)
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = SpatialReductionAttention(dim, num_heads[stage], qkv_bias, sr_ratios[stage])
+        self.attn = SpatialReductionAttention(dim, num_heads[stage], qkv_bias, sr_ratios[stage], fused_attn)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratios[stage]))
         self.drop_path = drop_path_or_identity(drop_path)
 
     def _pos_embed_at(self, H: int, W: int):
-        if tuple(self.pos_embed.shape[-2:]) == (H, W):
-            return self.pos_embed
-        return F.interpolate(self.pos_embed, size=(H, W), mode="bilinear", align_corners=True)
+        pos = self.pos_embed
+        if tuple(pos.shape[-2:]) != (H, W):
+            pos = F.interpolate(pos, size=(H, W), mode="bilinear", align_corners=True)
+        return pos.permute(0, 2, 3, 1)  # (1, H, W, C) view: the add keeps x's layout
 
     def forward(self, x):
-        B, C, H, W = x.shape
+        B, H, W, C = x.shape
         if self.pos_embed is not None:
             x = x + self._pos_embed_at(H, W)
-        x = x.flatten(2).permute(0, 2, 1).contiguous()
+        x = x.view(B, H * W, C)
         y = self.attn(self.norm1(x), H, W)
         x = x + self.drop_path(y if self.gamma_1 is None else self.gamma_1 * y)
         y = self.mlp(self.norm2(x))
         x = x + self.drop_path(y if self.gamma_2 is None else self.gamma_2 * y)
-        return x.reshape(B, H, W, C).permute(0, 3, 1, 2).contiguous()
+        return x.view(B, H, W, C)
 
 
 class TokenDepthwiseConv(nn.Module):
@@ -125,29 +143,29 @@ class DepthwiseConvMlp(nn.Module):
         return self.fc2(self.act(self.dwconv(self.fc1(x), H, W)))
 
 
-class PvtV2Block(nn.Module):
-    """PVT-v2 block, NCHW in and out: SRA + depth-wise-conv MLP, no positional embedding."""
+class PvtV2Block(_TokenLayout, nn.Module):
+    """PVT-v2 block, (B, H, W, C) in and out: SRA + depth-wise-conv MLP, no positional embedding."""
 
     def __init__(self, dim, drop_path, stage, depth, total_depth, input_resolution, layer_scale_init_value,
-                 num_heads, mlp_ratios, sr_ratios, qkv_bias=True):
+                 num_heads, mlp_ratios, sr_ratios, qkv_bias=True, fused_attn=True):
         super().__init__()
         self.gamma_1 = layer_scale(dim, layer_scale_init_value)
         self.gamma_2 = layer_scale(dim, layer_scale_init_value)
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = SpatialReductionAttention(dim, num_heads[stage], qkv_bias, sr_ratios[stage])
+        self.attn = SpatialReductionAttention(dim, num_heads[stage], qkv_bias, sr_ratios[stage], fused_attn)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = DepthwiseConvMlp(dim, int(dim * mlp_ratios[stage]))
         self.drop_path = drop_path_or_identity(drop_path)
 
     def forward(self, x):
-        B, C, H, W = x.shape
-        x = x.flatten(2).permute(0, 2, 1).contiguous()
+        B, H, W, C = x.shape
+        x = x.view(B, H * W, C)
         # v2 scales after drop-path (the v1 block scales before); same value, kept for parity.
         y = self.drop_path(self.attn(self.norm1(x), H, W))
         x = x + (y if self.gamma_1 is None else self.gamma_1 * y)
         y = self.drop_path(self.mlp(self.norm2(x), H, W))
         x = x + (y if self.gamma_2 is None else self.gamma_2 * y)
-        return x.reshape(B, H, W, C).permute(0, 3, 1, 2).contiguous()
+        return x.view(B, H, W, C)
 
 
 def _pvt(block, depths, mlp_ratios, drop_path_rate, dims=(64, 128, 320, 512)):

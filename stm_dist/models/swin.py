@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
-from .layers import LayerNorm2d, MaskCache, Mlp, drop_path_or_identity, layer_scale
+from .layers import LayerNorm2d, MaskCache, Mlp, drop_path_or_identity, layer_scale, sdpa_pays
 
 __all__ = ["SwinBlock", "WindowAttention", "window_partition", "window_reverse", "shift_window_mask",
            "MODELS"]
@@ -66,8 +66,9 @@ class WindowAttention(nn.Module):
     """Multi-head self-attention inside a window, with a learned relative position bias.
 
     `fused_attn=True` runs F.scaled_dot_product_attention with the bias (plus the shift/padding
-    mask) as its additive attn_mask; False keeps the explicit matmul-softmax-matmul in the
-    original's order. Same function; rounding differs within the parity tolerances.
+    mask) as its additive attn_mask, except where that is slower (layers.sdpa_pays); False
+    keeps the explicit matmul-softmax-matmul in the original's order. Same function; rounding
+    differs within the parity tolerances.
     """
 
     def __init__(self, dim: int, num_heads: int, window_size: int, qkv_bias: bool = True,
@@ -99,7 +100,7 @@ class WindowAttention(nn.Module):
         h = self.num_heads
         q, k, v = self.qkv(x).reshape(B_, N, 3, h, C // h).permute(2, 0, 3, 1, 4).unbind(0)
         bias = self._bias(N).to(q.dtype)
-        if self.fused_attn:
+        if sdpa_pays(self.fused_attn, q, self.relative_position_bias_table.requires_grad):
             if mask is None:
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0), scale=self.scale)
             else:

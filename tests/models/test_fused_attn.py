@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stm_dist.models import create_model, halo, swin
+from stm_dist.models import create_model, halo, layers, swin
 from stm_dist.models.layers import MaskCache, set_fused_attn
 
 ATTN_MIXERS = ("halo", "swin", "pvt")
@@ -35,7 +35,8 @@ def _forward_backward(model, x):
 
 @pytest.mark.parametrize("stm", ATTN_MIXERS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
-def test_fused_equals_explicit_forward_and_backward(stm, dtype):
+def test_fused_equals_explicit_forward_and_backward(stm, dtype, monkeypatch):
+    monkeypatch.setattr(layers, "SDPA_ON_CPU_WITH_MASK_GRAD", True)  # SDPA even where it is slower
     fused, explicit = _pair(stm, dtype)
     x = torch.randn(1, 3, 64, 64, dtype=dtype, generator=torch.Generator().manual_seed(1))
     out_f, grad_f = _forward_backward(fused, x)
@@ -64,6 +65,11 @@ def test_switch_selects_the_kernel(stm, monkeypatch):
     assert len(calls) == blocks
     assert set_fused_attn(fused, False) == blocks  # one attention module per block
     assert all(not m.fused_attn for m in fused.modules() if hasattr(m, "fused_attn"))
+    # Training on CPU: SDPA only where no mask needs a gradient (PVT); see layers.sdpa_pays.
+    calls.clear()
+    set_fused_attn(fused, True)
+    fused.train()(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert len(calls) == (blocks if stm == "pvt" else 0)
 
 
 def test_mask_cache_is_lru_and_bounded():
