@@ -18,10 +18,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def env() -> dict:
+def env(single_process: bool = False) -> dict:
+    """The launch environment; `single_process` drops launcher variables so a bare
+    `python -m ...` makes its own world of one."""
     e = dict(os.environ)
     e["PATH"] = BIN + os.pathsep + e.get("PATH", "")
     e.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    if single_process:
+        for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            e.pop(k, None)
     return e
 
 

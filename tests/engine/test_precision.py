@@ -20,13 +20,10 @@ WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "precision_wor
 
 
 def _launch(procs: int, out: str, checks: str) -> dict:
+    e = env(single_process=procs == 1)
     if procs == 1:
-        e = env()
-        for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-            e.pop(k, None)
         cmd = [sys.executable, WORKER]
     else:
-        e = env()
         cmd = [os.path.join(BIN, "deepspeed"), "--num_accelerators", str(procs), "--master_port", str(free_port()),
                WORKER]
     p = subprocess.run(cmd + ["--out", out, "--checks", checks], env=e, capture_output=True, text=True, timeout=900)

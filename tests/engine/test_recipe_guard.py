@@ -14,9 +14,7 @@ pytestmark = pytest.mark.slow
 
 
 def _train(run_dir, shards, extra, cli=()):
-    e = env()
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        e.pop(k, None)
+    e = env(single_process=True)
     cmd = [sys.executable, "-m", "stm_dist.cli.train", "--config", os.path.join(REPO, "configs", "demo_digits.yaml"),
            *cli, f"run.out_dir={run_dir}", f"data.train_shards={shards}", f"data.val_shards={shards}", *BASE,
            "checkpoint.every_steps=1", *extra]

@@ -13,9 +13,7 @@ from stm_dist.engine import checkpoint as ckpt
 
 
 def _train(run_dir, shards, extra):
-    e = env()
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        e.pop(k, None)
+    e = env(single_process=True)
     cmd = [sys.executable, "-m", "stm_dist.cli.train", "--config", os.path.join(REPO, "configs", "demo_digits.yaml"),
            f"run.out_dir={run_dir}", f"data.train_shards={shards}", f"data.val_shards={shards}", *BASE, *extra]
     return subprocess.run(cmd, env=e, cwd=REPO, capture_output=True, text=True, timeout=600)

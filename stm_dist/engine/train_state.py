@@ -1,0 +1,87 @@
+"""Everything a checkpoint restores beyond DeepSpeed's own files, as one object.
+
+Position (step, epoch, step within the epoch), the data iterators of this rank's micro-batch
+slots, the random streams, the sharded EMA and the loss scale. Each rank saves its
+`state_dict()` as stm_rank<r>.pt; `load_state_dict()` takes every saved rank's state, so a run
+can resume at another world size (the data slots and EMA slices are regrouped; the random
+streams, which belong to ranks, are re-derived from the seed and step).
+"""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+
+def seed_all(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    s = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        # Only this process's device: another layout (1 node x 8 -> 2 x 4) must not index a
+        # GPU that is not there.
+        s["cuda"] = torch.cuda.get_rng_state()
+    return s
+
+
+def set_rng_state(s: dict):
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+    if "cuda" in s and torch.cuda.is_available():
+        c = s["cuda"]
+        if isinstance(c, (list, tuple)):  # older checkpoints saved every visible device
+            c = c[min(torch.cuda.current_device(), len(c) - 1)]
+        torch.cuda.set_rng_state(c)
+
+
+class TrainState:
+    def __init__(self, slots: list[int], loaders: list, ema, runner, seed: int, rank: int, world: int):
+        self.slots, self.loaders, self.ema, self.runner = slots, loaders, ema, runner
+        self.seed, self.rank, self.world = seed, rank, world
+        self.step = self.epoch = self.step_in_epoch = 0
+
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+            "loaders": {slot: ld.state_dict() for slot, ld in zip(self.slots, self.loaders)},
+            "rng": rng_state(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "runner": self.runner.state_dict(),
+        }
+
+    def load_state_dict(self, clients: list[dict], where: str, log=print, new_ema=None):
+        """`clients`: every saved rank's state, in rank order. `new_ema()` rebuilds the EMA from
+        the loaded weights when the checkpoint holds none."""
+        saved_world = len(clients)
+        mine = clients[self.rank] if self.rank < saved_world else clients[0]
+        self.step, self.epoch, self.step_in_epoch = mine["step"], mine["epoch"], mine["step_in_epoch"]
+        slot_states = {}
+        for c in clients:
+            slot_states.update(c["loaders"])
+        for slot, ld in zip(self.slots, self.loaders):
+            if slot not in slot_states:
+                from .config import ConfigError
+
+                raise ConfigError(f"checkpoint {where} has no data-iterator state for micro-batch slot {slot}: "
+                                  f"train.global_batch / train.micro_batch changed since it was saved; resume "
+                                  f"with the saved train.micro_batch (the world size may change)")
+            ld.set_epoch(self.epoch)
+            ld.load_state_dict(slot_states[slot])
+        if self.ema is not None:
+            states = [c.get("ema") for c in clients]
+            if any(st is None or "frags" not in st for st in states):
+                log("checkpoint has no sharded EMA state; EMA restarts from the loaded weights")
+                self.ema = new_ema()
+            else:
+                self.ema.load_state_dict(states)
+        self.runner.load_state_dict(mine.get("runner") or {})
+        if saved_world == self.world:
+            set_rng_state(mine["rng"])
+        else:
+            seed_all(self.seed + self.rank + 1000003 * self.step)
