@@ -9,10 +9,8 @@ continue on 1 (or 8) with the same data and the same loss.
 from __future__ import annotations
 
 import os
-import random
 import time
 
-import numpy as np
 import torch
 
 from . import checkpoint as ckpt
@@ -27,6 +25,7 @@ from .run_log import RunLog
 from .schedule import Schedules, steps_per_epoch
 from .step import StepRunner, configure_cuda_speed, prepare_model, soft_target_cross_entropy  # noqa: F401
 from .step_meter import StepMeter
+from .train_state import TrainState, seed_all
 
 
 class NonFiniteLoss(RuntimeError):
@@ -41,27 +40,6 @@ def build_model(cfg, for_eval: bool = False):
     if cfg.model.drop_path_rate is not None and not for_eval:
         kw["drop_path_rate"] = cfg.model.drop_path_rate
     return create_model(cfg.model.name, **kw)
-
-
-def _rng_state() -> dict:
-    s = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        s["cuda"] = torch.cuda.get_rng_state_all()
-    return s
-
-
-def _set_rng_state(s: dict):
-    torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
-    if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def _seed_all(seed: int):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 class Trainer:
@@ -115,7 +93,7 @@ class Trainer:
             for slot in self.my_slots
         ]
 
-        _seed_all(t.seed)  # identical initial weights on every rank
+        seed_all(t.seed)  # identical initial weights on every rank
         model = build_model(cfg)
         if cfg.model.pretrained:
             from stm_dist.models.pretrained import load_pretrained
@@ -135,7 +113,9 @@ class Trainer:
         if self.resume:
             self._check_recipe(*self.resume)
         load_dir, universal = self.src_dir, False
-        if self.resume and int(self.resume[1]["world_size"]) != self.world:
+        # ZeRO 0 saves whole (replicated) optimizer state, which loads at any world size;
+        # DeepSpeed's universal conversion would fail on it (no per-rank optimizer files).
+        if self.resume and int(self.resume[1]["world_size"]) != self.world and int(self.resume[1]["zero_stage"]) > 0:
             universal = True
             load_dir = os.path.join(self.run_dir, "checkpoints_universal")
             if self.rank == 0:
@@ -154,7 +134,8 @@ class Trainer:
                                  channels_last=channels_last)
         self.meter = StepMeter(t.log_every, self.device, self.world)
         # EMA of the fp32 master weights, sharded like ZeRO (engine/ema.py).
-        self.ema = ShardedEMA(self.engine.module, t.ema_decay, self.zero_stage, self.rank, self.world) if t.ema else None
+        ema = ShardedEMA(self.engine.module, t.ema_decay, self.zero_stage, self.rank, self.world) if t.ema else None
+        self.state = TrainState(self.my_slots, self.loaders, ema, self.runner, t.seed, self.rank, self.world)
 
         from stm_dist.data import BatchAugment
 
@@ -163,28 +144,25 @@ class Trainer:
                                       smoothing=a.smoothing, reprob=a.reprob,
                                       num_classes=cfg.model.num_classes)
         self._last_eval = -1
-        self.step = 0
-        self.epoch = 0
-        self.step_in_epoch = 0
         if self.resume:
             self._load(load_dir, universal)
         else:
-            _seed_all(t.seed + self.rank)
+            seed_all(t.seed + self.rank)
         self.log.info(f"model {cfg.model.name}, {self.world} process(es), ZeRO {self.zero_stage}, "
                       f"{self.precision}, global batch {t.global_batch} = {t.micro_batch} x {self.world} "
                       f"x accumulation {self.accum}, {self.iters_per_epoch} steps/epoch, "
                       f"{self.total_steps} steps to run, run dir {self.run_dir}")
 
     # ---------------------------------------------------------------- checkpoints
+    # The loop reads and advances the position through these; TrainState holds it.
+    step = property(lambda self: self.state.step, lambda self, v: setattr(self.state, "step", v))
+    epoch = property(lambda self: self.state.epoch, lambda self, v: setattr(self.state, "epoch", v))
+    step_in_epoch = property(lambda self: self.state.step_in_epoch,
+                             lambda self, v: setattr(self.state, "step_in_epoch", v))
+    ema = property(lambda self: self.state.ema)
+
     def _client_state(self) -> dict:
-        return {
-            "step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-            "loaders": {slot: ld.state_dict() for slot, ld in zip(self.my_slots, self.loaders)},
-            "rng": _rng_state(),
-            "ema": self.ema.state_dict() if self.ema is not None else None,
-            "runner": self.runner.state_dict(),
-            "config_hash": self.cfg.hash(), "config": self.cfg.to_dict(),
-        }
+        return dict(self.state.state_dict(), config_hash=self.cfg.hash(), config=self.cfg.to_dict())
 
     def _check_recipe(self, tag: str, marker: dict):
         where = os.path.join(self.src_dir, tag)
@@ -222,30 +200,9 @@ class Trainer:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {os.path.join(load_dir, tag)}")
         saved_world = int(marker["world_size"])
         clients = ckpt.load_all_clients(tag_dir, saved_world)
-        mine = clients[self.rank] if self.rank < saved_world else clients[0]
-        self.step, self.epoch, self.step_in_epoch = mine["step"], mine["epoch"], mine["step_in_epoch"]
-        slot_states = {}
-        for c in clients:
-            slot_states.update(c["loaders"])
-        for slot, ld in zip(self.my_slots, self.loaders):
-            if slot not in slot_states:
-                raise RuntimeError(f"checkpoint {tag_dir} has no data-iterator state for slot {slot} "
-                                   f"(train.global_batch / train.micro_batch changed since it was saved?)")
-            ld.set_epoch(self.epoch)
-            ld.load_state_dict(slot_states[slot])
-        if self.ema is not None:
-            states = [c.get("ema") for c in clients]
-            if any(st is None or "frags" not in st for st in states):
-                self.log.info("checkpoint has no sharded EMA state; EMA restarts from the loaded weights")
-                self.ema = ShardedEMA(self.engine.module, self.cfg.train.ema_decay, self.zero_stage,
-                                      self.rank, self.world)
-            else:
-                self.ema.load_state_dict(states)
-        self.runner.load_state_dict(mine.get("runner") or {})
-        if saved_world == self.world:
-            _set_rng_state(mine["rng"])
-        else:
-            _seed_all(self.cfg.train.seed + self.rank + 1000003 * self.step)
+        t = self.cfg.train
+        self.state.load_state_dict(clients, tag_dir, log=self.log.info, new_ema=lambda: ShardedEMA(
+            self.engine.module, t.ema_decay, self.zero_stage, self.rank, self.world))
         self.log.info(f"resumed from {tag_dir} at epoch {self.epoch}, step {self.step}"
                       + (f" (saved by {saved_world} processes, loaded via universal checkpoint)" if universal else ""))
 
