@@ -36,8 +36,20 @@ def _state_dict(args):
 
     if os.path.isdir(args.checkpoint):
         ckpt_dir, tag, marker = locate(args.checkpoint, warn=lambda m: print(f"stm-eval: {m}", file=sys.stderr))
+        _same_model(args, marker.get("model"), os.path.join(ckpt_dir, tag))
         return consolidate(ckpt_dir, tag, marker, ema=args.ema)
+    sidecar = args.checkpoint + ".json"  # written by stm-export
+    if os.path.isfile(sidecar):
+        with open(sidecar) as f:
+            _same_model(args, json.load(f).get("model"), args.checkpoint)
     return args.checkpoint
+
+
+def _same_model(args, saved, where):
+    from stm_dist.models.registry import resolve_name
+
+    if saved and resolve_name(saved) != resolve_name(args.model):
+        raise ValueError(f"{where} holds weights of {saved}, not {args.model}: run with --model {saved}")
 
 
 def run(args) -> dict:

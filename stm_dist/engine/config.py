@@ -316,14 +316,12 @@ def validate(cfg: ExperimentConfig, source: str = "<config>"):
 
 def check_model_name(cfg: ExperimentConfig):
     """An unknown model.name names the closest registered ones (imports the model registry)."""
-    from stm_dist.models import list_models
+    from stm_dist.models.registry import resolve_name
 
-    known = list_models()
-    if cfg.model.name not in known:
-        close = difflib.get_close_matches(cfg.model.name, known, n=3, cutoff=0.5)
-        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else \
-            f"; registered: {', '.join(sorted(known))}"
-        raise ConfigError(f"'model.name': unknown model {cfg.model.name!r}{hint}")
+    try:
+        resolve_name(cfg.model.name)
+    except KeyError as e:
+        raise ConfigError(f"'model.name': {e.args[0]}") from None
 
 
 def resolve_path(path: str) -> str:

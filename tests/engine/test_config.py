@@ -165,8 +165,9 @@ def test_unknown_model_name_names_close_matches():
     from stm_dist.engine.config import check_model_name
 
     with pytest.raises(ConfigError, match=r"'model.name': unknown model 'unified_swim_tiny'; did you mean "
-                                          r"'unified_swin_tiny'"):
+                                          r"unified_swin_tiny"):
         check_model_name(load(SWIN, ["model.name=unified_swim_tiny"]))
+    check_model_name(load(SWIN, ["model.name=unified_halonet_tiny"]))  # the original's alias
 
 
 def test_recipe_covers_what_is_trained_and_not_how_it_runs(tmp_path):
