@@ -1,16 +1,18 @@
 """Decode every image once at shard-writing time; hand back bytes DALI's JPEG decoders accept.
 
-RGB baseline/progressive JPEGs pass through untouched (no generation loss). Anything else that
-decodes (PNG, CMYK or grayscale JPEG, palette, 16-bit...) is re-encoded as an RGB JPEG; anything
-that does not decode is rejected with a reason. ImageNet has all of these: one PNG disguised as
-JPEG, 22 CMYK files, a few grayscale ones.
+RGB and grayscale baseline/progressive JPEGs pass through byte-identical (no generation loss;
+DALI's decoders and the PIL reader both turn grayscale into RGB when reading). Anything else that
+decodes (PNG, CMYK JPEG, palette, 16-bit...) is re-encoded as an RGB JPEG, with its EXIF
+orientation applied first (the re-encoded file carries no EXIF, so the rotation would otherwise
+be lost); anything that does not decode is rejected with a reason. ImageNet has all of these: one
+PNG disguised as JPEG, 22 CMYK files, a few grayscale ones.
 """
 from __future__ import annotations
 
 import io
 import warnings
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 REENCODE_QUALITY = 95
 _GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
@@ -49,12 +51,13 @@ def check_image(data: bytes) -> tuple[bytes, str | None, tuple[int, int]]:
             warnings.simplefilter("ignore")
             img = Image.open(io.BytesIO(data))
             fmt, size = img.format, img.size
-            passthrough = fmt == "JPEG" and img.mode == "RGB"
+            passthrough = fmt == "JPEG" and img.mode in ("RGB", "L")
             if passthrough:
                 # Kept bytes need only proof that they decode: libjpeg's 1/8-scale mode still
-                # entropy-decodes the whole stream (so truncation and corrupt Huffman data are
-                # caught) but skips most of the IDCT and colour work: ~3x faster.
-                img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
+                # entropy-decodes the whole stream, every component (so truncation and corrupt
+                # Huffman data are caught), but skips most of the IDCT work: ~3x faster. Asking
+                # for "L" also skips the chroma IDCT, upsampling and colour conversion.
+                img.draft("L", (max(1, img.width // 8), max(1, img.height // 8)))
             img.load()
     except UnidentifiedImageError:
         raise BadImage("not a recognised image format") from None
@@ -74,6 +77,10 @@ def check_image(data: bytes) -> tuple[bytes, str | None, tuple[int, int]]:
         conversion = "grayscale"
     else:
         conversion = f"mode-{img.mode.lower()}"
+    try:
+        img = ImageOps.exif_transpose(img)
+    except (SyntaxError, ValueError, TypeError, KeyError, OSError):
+        pass  # unreadable EXIF: the pixels are fine, keep them as stored
     out = io.BytesIO()
     _to_rgb(img).save(out, format="JPEG", quality=REENCODE_QUALITY)
     return out.getvalue(), conversion, (w, h)

@@ -9,6 +9,7 @@ members, where ``offset`` is the byte offset of the member's data (header + 512)
 """
 from __future__ import annotations
 
+import hashlib
 import tarfile
 
 BLOCK = 512
@@ -35,6 +36,31 @@ def _header(name: str, size: int) -> bytes:
     buf = ti.tobuf(format=tarfile.USTAR_FORMAT, encoding="ascii", errors="strict")
     assert len(buf) == BLOCK, name
     return buf
+
+
+def sha256_file(f, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of an open binary file (hashlib.file_digest is Python 3.11+)."""
+    h = hashlib.sha256()
+    while True:
+        b = f.read(chunk)
+        if not b:
+            return h.hexdigest()
+        h.update(b)
+
+
+class HashingFile:
+    """Write-through wrapper that hashes and counts what passes, so a shard's sha256 is known
+    when its last byte is written, without reading the file back."""
+
+    def __init__(self, f):
+        self.f = f
+        self.sha256 = hashlib.sha256()
+        self.bytes = 0
+
+    def write(self, b) -> int:
+        self.sha256.update(b)
+        self.bytes += len(b)
+        return self.f.write(b)
 
 
 class ShardWriter:

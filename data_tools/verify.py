@@ -8,7 +8,7 @@ import os
 import tarfile
 
 from data_tools.image_check import BadImage, check_image
-from data_tools.tar_index import parse_index, scan_tar
+from data_tools.tar_index import parse_index, scan_tar, sha256_file
 
 
 def _find_manifests(shard_dir: str) -> list[str]:
@@ -46,7 +46,7 @@ def _check_samples(path: str, samples, num_classes: int, full: bool, sample_ever
                 problems.append(f"{name}: {e}")
                 continue
             if conversion:
-                problems.append(f"{name}: not an RGB JPEG ({conversion})")
+                problems.append(f"{name}: not a JPEG DALI reads as stored ({conversion})")
     return problems
 
 
@@ -72,7 +72,7 @@ def verify_split(shard_dir: str, manifest_path: str, *, full: bool = False, log=
         if size != sh["bytes"]:
             problems.append(f"size {size} bytes, manifest says {sh['bytes']}")
         with open(path, "rb") as f:
-            digest = hashlib.file_digest(f, "sha256").hexdigest()
+            digest = sha256_file(f)
         if digest != sh["sha256"]:
             problems.append("sha256 differs from the manifest")
         try:

@@ -13,7 +13,7 @@ skipped input leaves its shard one sample short instead of shifting every later 
 """
 from __future__ import annotations
 
-import hashlib
+import fcntl
 import json
 import multiprocessing as mp
 import os
@@ -27,7 +27,7 @@ import numpy as np
 from data_tools import TOOL_VERSION
 from data_tools.image_check import BadImage, check_image
 from data_tools.imagenet_src import Record, Source, read_source
-from data_tools.tar_index import ShardWriter
+from data_tools.tar_index import HashingFile, ShardWriter
 
 MANIFEST_FORMAT = "stm-shards/1"
 # Test hook: exit abruptly (like a kill) halfway through the shard after N finished ones.
@@ -50,7 +50,7 @@ def sample_key(position: int, rel: str) -> str:
 
 
 def _process(path: str):
-    """Worker: read and validate one file. Returns ("ok", bytes, conversion) or ("skip", reason)."""
+    """Read and validate one file. Returns ("ok", bytes, conversion) or ("skip", reason)."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -63,6 +63,67 @@ def _process(path: str):
     except BadImage as e:
         return ("skip", str(e))
     return ("ok", jpeg, conversion)
+
+
+def _write_shard(task):
+    """Worker: read, validate, write, hash and index one whole shard, then commit its record.
+
+    The whole shard is one task so that image bytes never travel to (and pile up in) the parent:
+    each worker holds one image at a time whatever the output disk's speed, and the parent only
+    receives the small per-shard record. Returns ("ok", rec), ("error", message) or ("die",).
+    """
+    i, name, out, prog, items, strict, die_halfway = task
+    tar_path = os.path.join(out, f"{name}.tar")
+    tmp_tar = os.path.join(out, f".{name}.tar.tmp")
+    rec = {"index": i, "name": f"{name}.tar", "samples": 0, "bytes": 0, "sha256": None,
+           "skipped": [], "reencoded": {}, "class_counts": {}}
+    try:
+        with open(tmp_tar, "wb") as f:
+            hf = HashingFile(f)
+            w = ShardWriter(hf)
+            for k, (pos, rel, label, path) in enumerate(items):
+                if die_halfway and k == len(items) // 2:
+                    f.flush()
+                    return ("die",)
+                res = _process(path)
+                if res[0] == "skip":
+                    if strict:
+                        raise CreateError(f"{path}: {res[1]} (--strict)")
+                    rec["skipped"].append({"path": rel, "reason": res[1]})
+                    continue
+                _, data, conversion = res
+                if conversion:
+                    rec["reencoded"][conversion] = rec["reencoded"].get(conversion, 0) + 1
+                lab = str(label)
+                rec["class_counts"][lab] = rec["class_counts"].get(lab, 0) + 1
+                w.add_sample(sample_key(pos, rel), [("cls", lab.encode()), ("jpg", data)])
+            rec["samples"] = len(w.samples)
+            if w.samples:
+                w.finish()
+                f.flush()
+                os.fsync(f.fileno())
+        if rec["samples"]:
+            rec["sha256"], rec["bytes"] = hf.sha256.hexdigest(), hf.bytes
+            _write_atomic(os.path.join(out, f"{name}.idx"), w.index_text().encode())
+            os.replace(tmp_tar, tar_path)
+        else:  # every input of this slice was bad: no file at all beats an empty tar
+            os.remove(tmp_tar)
+        # The record is the commit: written only once the tar and index are in place.
+        _write_json_atomic(os.path.join(prog, f"{i:06d}.json"), rec)
+        return ("ok", rec)
+    except CreateError as e:
+        _remove(tmp_tar)
+        return ("error", str(e))
+    except OSError as e:  # disk full, permissions: name the file, keep what is committed
+        _remove(tmp_tar)
+        return ("error", f"{tmp_tar}: {e.strerror or e}")
+
+
+def _remove(path: str):
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
 
 
 def _write_atomic(path: str, data: bytes):
@@ -121,6 +182,35 @@ def create_shards(
         raise CreateError(f"--workers must be >= 1, got {workers}")
     src = read_source(src_root, split)
     os.makedirs(out, exist_ok=True)
+    lock = _lock(out, split)
+    try:
+        return _create_locked(src, split, out, samples_per_shard, workers, seed, strict, progress)
+    finally:
+        os.close(lock)  # releases the flock (workers holding a copy are gone by now)
+
+
+def _lock(out: str, split: str) -> int:
+    """Refuse a second `create` of the same split into the same folder while one runs.
+
+    flock, not a pid file: the kernel drops the lock when the holder dies, so a killed run
+    leaves no stale lock. The pid written inside is only there to name the other run.
+    """
+    path = os.path.join(out, f".{split}.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        other = os.read(fd, 64).decode(errors="replace").strip().split("\n")[0] or "?"
+        os.close(fd)
+        raise CreateError(f"{path}: another `stm-shards create` (pid {other}) is writing split {split!r} "
+                          f"into {out}; wait for it to finish or use another --out") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def _create_locked(src: Source, split: str, out: str, samples_per_shard: int, workers: int, seed: int,
+                   strict: bool, progress: bool) -> dict:
     plan = _plan(src, seed, samples_per_shard)
     manifest_path = os.path.join(out, f"{split}.json")
     if os.path.exists(manifest_path):
@@ -154,78 +244,56 @@ def create_shards(
     todo = [i for i in range(num_shards) if i not in done]
 
     fail_after = int(os.environ.get(FAIL_ENV, "-1"))
-    finished_now = 0
-    jobs = [(i, int(pos)) for i in todo for pos in range(i * samples_per_shard, min(n, (i + 1) * samples_per_shard))]
-    paths = [src.path_of(src.records[order[pos]]) for _, pos in jobs]
+    run = todo if fail_after < 0 else todo[: fail_after + 1]
+    tasks = []
+    for k, i in enumerate(run):
+        items = []
+        for pos in range(i * samples_per_shard, min(n, (i + 1) * samples_per_shard)):
+            r: Record = src.records[order[pos]]
+            items.append((pos, r.rel, r.label, src.path_of(r)))
+        # The test hook stands in for a kill after `fail_after` finished shards, halfway through
+        # the next one; later shards are not started so what is left on disk is exact.
+        tasks.append((i, shard_name(split, i), out, prog, items, strict, k == fail_after))
 
     from tqdm import tqdm
 
-    bar = tqdm(total=n, initial=n - len(jobs), unit="img", desc=f"{split} shards", disable=not progress, smoothing=0.1)
+    bar = tqdm(total=n, initial=n - sum(len(t[4]) for t in tasks), unit="img", desc=f"{split} shards",
+               disable=not progress, smoothing=0.1)
     # fork: workers need no re-import of the caller's __main__ (which breaks under spawn for
     # `python -c`/stdin callers); they only run PIL, so no threads of the parent matter.
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    pool = ctx.Pool(workers) if workers > 1 else None
+    pool = ctx.Pool(min(workers, len(tasks))) if workers > 1 and len(tasks) > 1 else None
+    die = False
     try:
-        results = pool.imap(_process, paths, chunksize=16) if pool else map(_process, paths)
-        j = 0
-        for i in todo:
-            count = min(n, (i + 1) * samples_per_shard) - i * samples_per_shard
-            name = shard_name(split, i)
-            tar_path = os.path.join(out, f"{name}.tar")
-            tmp_tar = os.path.join(out, f".{name}.tar.tmp")
-            rec = {"index": i, "name": f"{name}.tar", "samples": 0, "bytes": 0, "sha256": None,
-                   "skipped": [], "reencoded": {}, "class_counts": {}}
-            with open(tmp_tar, "wb") as f:
-                w = ShardWriter(f)
-                for k in range(count):
-                    _, pos = jobs[j]
-                    record: Record = src.records[order[pos]]
-                    res = next(results)
-                    j += 1
-                    bar.update(1)
-                    if fail_after >= 0 and finished_now == fail_after and k == count // 2:
-                        f.flush()
-                        os._exit(75)
-                    if res[0] == "skip":
-                        if strict:
-                            raise CreateError(f"{src.path_of(record)}: {res[1]} (--strict)")
-                        rec["skipped"].append({"path": record.rel, "reason": res[1]})
-                        continue
-                    _, data, conversion = res
-                    if conversion:
-                        rec["reencoded"][conversion] = rec["reencoded"].get(conversion, 0) + 1
-                    lab = str(record.label)
-                    rec["class_counts"][lab] = rec["class_counts"].get(lab, 0) + 1
-                    w.add_sample(sample_key(pos, record.rel), [("cls", lab.encode()), ("jpg", data)])
-                rec["samples"] = len(w.samples)
-                if w.samples:
-                    w.finish()
-                    f.flush()
-                    os.fsync(f.fileno())
-            if rec["samples"]:
-                with open(tmp_tar, "rb") as f:
-                    rec["sha256"] = hashlib.file_digest(f, "sha256").hexdigest()
-                rec["bytes"] = os.path.getsize(tmp_tar)
-                _write_atomic(os.path.join(out, f"{name}.idx"), w.index_text().encode())
-                os.replace(tmp_tar, tar_path)
-            else:  # every input of this slice was bad: no file at all beats an empty tar
-                os.remove(tmp_tar)
-            _write_json_atomic(os.path.join(prog, f"{i:06d}.json"), rec)
-            done[i] = rec
-            finished_now += 1
+        # Unordered: a shard's bytes depend only on its own inputs, so finishing order is free.
+        results = pool.imap_unordered(_write_shard, tasks, chunksize=1) if pool else map(_write_shard, tasks)
+        for res in results:
+            if res[0] == "error":
+                raise CreateError(res[1])
+            if res[0] == "die":
+                die = True
+                continue
+            rec = res[1]
+            done[rec["index"]] = rec
+            bar.update(rec["samples"] + len(rec["skipped"]))
     except BaseException:
-        # Leave no partial shard behind on an error (--strict, disk full, Ctrl-C); a hard kill
-        # can, and the next run overwrites it.
+        # Stop the other workers first, then leave no partial shard behind (--strict, disk
+        # full, Ctrl-C); committed shards stay. A hard kill can leave one; the next run
+        # overwrites it.
+        if pool:
+            pool.terminate()
+            pool.join()
+            pool = None
         for i in todo:
-            tmp = os.path.join(out, f".{shard_name(split, i)}.tar.tmp")
-            if os.path.exists(tmp):
-                os.remove(tmp)
+            _remove(os.path.join(out, f".{shard_name(split, i)}.tar.tmp"))
         raise
     finally:
         bar.close()
         if pool:
             pool.terminate()
             pool.join()
+    if die:
+        os._exit(75)
 
     manifest = _assemble_manifest(src, plan, [done[i] for i in range(num_shards)])
     _write_json_atomic(manifest_path, manifest)

@@ -62,7 +62,9 @@ def _bad_source(root):
     files["bad/garbage.JPEG"] = (bytes(np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8)), 1)
     for kind, mode, fmt in (("png", "RGBA", "PNG"), ("cmyk", "CMYK", "JPEG"), ("gray", "L", "JPEG")):
         buf = io.BytesIO()
-        Image.fromarray(photos[5][1]).convert(mode).save(buf, format=fmt)
+        exif = Image.Exif()
+        exif[0x0112] = 6  # orientation: rotate 90 degrees to display; chelsea is not square
+        Image.fromarray(photos[0][1]).convert(mode).save(buf, format=fmt, exif=exif.tobytes())
         files[f"conv/{kind}.JPEG"] = (buf.getvalue(), 2)  # ImageNet's PNG is also named .JPEG
     os.makedirs(root / "meta")
     lines = []
@@ -84,8 +86,22 @@ def test_bad_inputs_skipped_or_reencoded(tmp_path, capsys):
     assert set(reasons) == {"bad/truncated.JPEG", "bad/empty.JPEG", "bad/garbage.JPEG", "bad/missing.JPEG"}
     assert "truncated" in reasons["bad/truncated.JPEG"] and reasons["bad/empty.JPEG"] == "empty file"
     assert reasons["bad/missing.JPEG"] == "missing file"
-    assert man["counts"]["reencoded_by_kind"] == {"cmyk": 1, "format-png": 1, "grayscale": 1}
+    # Grayscale JPEGs are kept as they are (DALI decodes them to RGB); the rest is re-encoded
+    # with its EXIF rotation applied, since the new file carries no EXIF.
+    assert man["counts"]["reencoded_by_kind"] == {"cmyk": 1, "format-png": 1}
     assert man["num_samples"] == 7 and man["class_counts"] == [4, 0, 3]
+    stored = {}
+    for tar in sorted((tmp_path / "out").glob("train-*.tar")):
+        with open(tar, "rb") as f:
+            for s in scan_tar(str(tar)):
+                ext, off, size, name = s[1]
+                f.seek(off)
+                stored[name.split("_", 1)[1].split(".")[0]] = f.read(size)
+    src_train = tmp_path / "src" / "train" / "conv"
+    assert stored["gray"] == (src_train / "gray.JPEG").read_bytes()
+    w, h = Image.open(src_train / "cmyk.JPEG").size
+    assert w != h and Image.open(io.BytesIO(stored["cmyk"])).size == (h, w)
+    assert Image.open(io.BytesIO(stored["png"])).size == (h, w) and Image.open(io.BytesIO(stored["png"])).mode == "RGB"
     # Every stored image is an RGB JPEG that decodes (verify --full decodes all of them).
     assert run_cli("verify", tmp_path / "out", "--full", "--quiet") == 0
     # Output does not depend on the number of workers.
@@ -116,7 +132,8 @@ def test_interrupted_create_resumes_to_identical_shards(digits_shards, tmp_path)
     assert r.returncode == 0, r.stderr
     after = _shard_hashes(tmp_path / "cut", "val")
     assert {k: after[k] for k in before} == before  # finished shards were kept, not rewritten
-    assert not any(p.endswith(".tmp") or p.startswith(".val") for p in os.listdir(tmp_path / "cut"))
+    # Only the (unlocked) lock file stays behind: no temporaries, no progress records.
+    assert [p for p in os.listdir(tmp_path / "cut") if p.startswith(".") or p.endswith(".tmp")] == [".val.lock"]
     assert run_cli("create", "--src", src, "--split", "val", "--out", tmp_path / "whole", "--samples-per-shard", 64,
                    "--workers", 1, "--no-progress") == 0
     assert after == _shard_hashes(tmp_path / "whole", "val") and len(after) == 10  # 5 tars + 5 indexes
@@ -141,3 +158,25 @@ def test_verify_names_damaged_shards(digits_shards, tmp_path, capsys):
     assert "BAD train-000001.tar" in err and "BAD train-000002.tar" in err
     assert "does not match the tar" in err
     assert "train-000000.tar" not in err and "train-000003.tar" not in err
+
+
+def test_second_create_on_one_output_is_refused(digits_shards, tmp_path, capsys):
+    import fcntl
+
+    src = digits_shards.parent / "src"
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ["create", "--src", src, "--split", "val", "--out", out, "--samples-per-shard", 100, "--no-progress"]
+    # A lock left by a dead run (a pid that is not running, no flock held) does not block.
+    (out / ".val.lock").write_text("999999999\n")
+    with open(out / ".val.lock", "r+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what a running create holds
+        held.truncate()
+        held.write("4242\n")
+        held.flush()
+        capsys.readouterr()
+        assert run_cli(*args) == 2
+        err = capsys.readouterr().err
+        assert "another `stm-shards create` (pid 4242)" in err and str(out / ".val.lock") in err
+        assert not (out / "val.json").exists()
+    assert run_cli(*args) == 0 and (out / "val.json").exists()
