@@ -149,3 +149,19 @@ def test_zero3_export_equals_live_weights_and_eval_matches(digits_shards, root, 
     assert r["samples"] == 300 and r["world_size"] == 2
     assert r["top1"] == e["top1"] and r["top5"] == e["top5"]
     assert abs(r["loss"] - e["loss"]) < 1e-6
+
+    # Another model's checkpoint: one line naming what it holds, no traceback.
+    p = subprocess.run([sys.executable, "-m", "stm_dist.cli.eval", "--model", "unified_swin_micro", "--checkpoint",
+                        ref, "--data", digits_shards, "--img-size", "32"], env=env(single_process=True),
+                       capture_output=True, text=True)
+    assert p.returncode == 1 and "holds weights of unified_convnext_micro, not unified_swin_micro" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr
+
+    # stm-export --ema puts the ranks' EMA slices back together; it is the EMA the run evaluated.
+    ema_out = str(tmp_path / "ema.pth")
+    p = subprocess.run([sys.executable, "-m", "stm_dist.cli.export", ref, "--ema", "-o", ema_out], env=env(),
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    m = create_model("unified_convnext_micro", num_classes=10, img_size=32)
+    load_pretrained(m, ema_out)
+    assert all(v.dtype == torch.float32 for v in torch.load(ema_out).values() if v.is_floating_point())
