@@ -31,26 +31,18 @@ def init_distributed():
     return init(use_deepspeed=False)
 
 
-def load_model(name: str, checkpoint: str, num_classes: int, img_size: int, *, ema: bool = False,
+def load_model(name: str, source, num_classes: int, img_size: int, *, use_ema: bool = False,
                label_map=None, seed: int = 0) -> torch.nn.Module:
-    """The model in eval mode, fp32, from anything stm-eval accepts (export, run directory or
-    checkpoint folder, original release file); `checkpoint="random"` keeps the seeded random
+    """The model in eval mode, fp32, with the weights of `source` (a .pth path or a state dict:
+    what stm-eval's checkpoint resolution gives); `source="random"` keeps the seeded random
     initialisation (for timing the analyses and for tests)."""
     from stm_dist.models import create_model
     from stm_dist.models.pretrained import load_pretrained
 
     torch.manual_seed(seed)
     model = create_model(name, num_classes=num_classes, img_size=img_size)
-    if checkpoint != "random":
-        source = checkpoint
-        if os.path.isdir(checkpoint):
-            from stm_dist.engine.export import consolidate, locate
-
-            ckpt_dir, tag, marker = locate(checkpoint, warn=lambda m: print(f"stm-analyze: {m}", file=sys.stderr))
-            source = consolidate(ckpt_dir, tag, marker, ema=ema)
-        elif not os.path.isfile(checkpoint):
-            raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
-        load_pretrained(model, source, label_map=label_map, use_ema=ema and not os.path.isdir(checkpoint))
+    if not (isinstance(source, str) and source == "random"):
+        load_pretrained(model, source, label_map=label_map, use_ema=use_ema)
     return model.float().eval()
 
 

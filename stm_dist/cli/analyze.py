@@ -71,8 +71,14 @@ def run(args, checked: dict | None = None) -> tuple[dict, list]:
     resolve_name(args.model)  # an unknown name fails before the process group starts
     manifest, eps, step = checked["manifest"], checked.get("eps"), checked.get("step_size")
     rank, world, device = init_distributed()
-    model = load_model(args.model, args.checkpoint, args.num_classes or int(manifest["num_classes"]),
-                       args.img_size, ema=args.ema, label_map=args.label_map, seed=args.seed)
+    # stm-eval's checkpoint resolution: exports (checked against their stm-export sidecar), run
+    # directories and checkpoint folders (consolidated), original release files
+    from stm_dist.cli.eval import _state_dict as eval_checkpoint
+
+    source = "random" if args.checkpoint == "random" else eval_checkpoint(args)
+    model = load_model(args.model, source, args.num_classes or int(manifest["num_classes"]), args.img_size,
+                       use_ema=args.ema and not os.path.isdir(args.checkpoint), label_map=args.label_map,
+                       seed=args.seed)
     model.requires_grad_(False).to(device)
     kw = dict(batch=args.batch, rank=rank, world=world, split=args.split, num_workers=args.num_threads, device=device)
     t0 = time.time()

@@ -66,3 +66,18 @@ def test_outputs_follow_the_documented_schema(outputs):
     for name in ("invariance_translation.png", "erf.png", "robustness.png"):
         pixels = np.asarray(Image.open(os.path.join(outputs["one"], name)).convert("RGB")).reshape(-1, 3)
         assert len(np.unique(pixels, axis=0)) > 10, f"{name} looks blank"
+
+
+def test_an_export_of_another_model_is_named(fitted, digits_shards, tmp_path):
+    """The checkpoint goes through stm-eval's resolution: an stm-export sidecar naming another
+    model is refused in one line."""
+    import shutil
+
+    ckpt = tmp_path / "model.pth"
+    shutil.copy(fitted[1], ckpt)
+    (tmp_path / "model.pth.json").write_text('{"model": "unified_swin_micro"}')
+    proc = run_analyze("erf", "--model", MODEL, "--checkpoint", ckpt, "--data", digits_shards, "--out", tmp_path,
+                       "--img-size", 32, "--images", 2)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "holds weights of unified_swin_micro, not unified_convnext_micro" in lines[0]
