@@ -4,6 +4,11 @@ Each (model, mode) case runs in a fresh process so that peak memory and compile 
 case never leak into the next. On CPU the peak is the measuring process's high-water RSS
 (parameters, activations, compiler and runtime included); on CUDA it is
 `torch.cuda.max_memory_allocated`. Writes `<out-dir>/models.csv` and `<out-dir>/models.png`.
+
+With `--original CHECKOUT` (a checkout of OpenGVLab/STM-Evaluation; env STM_ORIGINAL) each model
+is also timed against the original code in the same process: both models get the same weights,
+their eager forward+backward steps are interleaved round by round and the medians compared
+(`<out-dir>/compare.csv`). Without a usable checkout the bench says so and times ours only.
 """
 import argparse
 import csv
@@ -16,6 +21,8 @@ import time
 MODES = ("eager", "compiled")
 FIELDS = ("model", "mode", "device", "threads", "batch", "img_size", "params_m", "img_per_s",
           "step_ms", "first_step_s", "peak_mem_mib", "error")
+COMPARE_FIELDS = ("model", "device", "threads", "batch", "img_size", "rounds", "iters", "ours_ms",
+                  "original_ms", "speedup", "max_abs_diff", "note", "error")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -29,6 +36,13 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out-dir", default="bench_out/models", help="where models.csv / models.png go")
+    p.add_argument("--original", default=os.environ.get("STM_ORIGINAL"),
+                   help="checkout of OpenGVLab/STM-Evaluation to time against (env STM_ORIGINAL)")
+    p.add_argument("--original-timm", default=os.environ.get("STM_ORIGINAL_TIMM"),
+                   help="folder holding timm 0.6.x for the original's imports, e.g. from "
+                        "`pip install --no-deps --target DIR timm==0.6.7` (env STM_ORIGINAL_TIMM)")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="with --original: interleaved rounds of --iters steps per model (medians)")
     return p
 
 
@@ -87,9 +101,73 @@ def _measure(case: dict) -> dict:
     return row
 
 
+def _timed_rounds(steps: dict, rounds: int, iters: int) -> dict:
+    """Median seconds per step of each callable, rounds interleaved (order flipped every round)
+    so that load drifting on a shared machine hits every contender alike."""
+    import statistics
+
+    times = {k: [] for k in steps}
+    names = list(steps)
+    for r in range(rounds):
+        for k in (names if r % 2 == 0 else names[::-1]):
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                steps[k]()
+            times[k].append((time.perf_counter() - t0) / iters)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _compare(case: dict) -> dict:
+    """Ours vs the original, same weights, same process (eager)."""
+    import torch
+    import torch.nn.functional as F
+
+    from stm_dist.bench.original import OriginalUnavailable, load_factory
+    from stm_dist.models import create_model
+
+    if case["threads"]:
+        torch.set_num_threads(case["threads"])
+    dev = torch.device(case["device"])
+    torch.manual_seed(0)
+    models = {"ours": create_model(case["model"]).to(dev)}
+    row = dict(case, threads=torch.get_num_threads())
+    try:
+        orig = load_factory(case["original"], case["model"], case["original_timm"])()
+        orig.load_state_dict(models["ours"].state_dict(), strict=True)
+        models["original"] = orig.to(dev)
+    except OriginalUnavailable as e:
+        row["note"] = f"original not compared: {e}"
+    x = torch.randn(case["batch"], 3, case["img_size"], case["img_size"], device=dev)
+    y = torch.randint(0, 1000, (case["batch"],), device=dev)
+    if "original" in models:  # same function? (eval mode: no drop-path, BN running stats)
+        with torch.no_grad():
+            outs = [m.eval()(x) for m in models.values()]
+        row["max_abs_diff"] = f"{(outs[0] - outs[1]).abs().max().item():.2e}"
+
+    def make_step(model):
+        def step():
+            F.cross_entropy(model(x), y).backward()
+            for p in model.parameters():
+                p.grad = None
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+        return step
+
+    steps = {k: make_step(m.train()) for k, m in models.items()}
+    for _ in range(case["warmup"]):
+        for step in steps.values():
+            step()
+    med = _timed_rounds(steps, case["rounds"], case["iters"])
+    row["ours_ms"] = round(1e3 * med["ours"], 2)
+    if "original" in med:
+        row["original_ms"] = round(1e3 * med["original"], 2)
+        row["speedup"] = round(med["original"] / med["ours"], 3)
+    return row
+
+
 def _child(case, queue):
     try:
-        queue.put(_measure(case))
+        queue.put(_compare(case) if case.get("compare") else _measure(case))
     except Exception as e:  # noqa: BLE001 - reported in the table, the other cases still run
         queue.put(dict(case, error=f"{type(e).__name__}: {e}".replace("\n", " ")[:300]))
 
@@ -108,9 +186,9 @@ def _run_isolated(case: dict) -> dict:
     return row
 
 
-def _write_csv(rows: list, path: str) -> None:
+def _write_csv(rows: list, path: str, fields=FIELDS) -> None:
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
 
@@ -150,10 +228,18 @@ def run(args) -> int:
     bad = [m for m in modes if m not in MODES]
     if bad:
         raise SystemExit(f"stm-bench models: unknown --modes {bad}; choose from {MODES}")
-    rows = []
     os.makedirs(args.out_dir, exist_ok=True)
+    names = _expand(args.models)
+    from stm_dist.bench.original import check_checkout
+
+    why = check_checkout(args.original)
+    if why is None:
+        return _run_compare(args, names)
+    print(f"stm-bench models: original code not available ({why}); timing ours only. "
+          "See docs/perf.md for how to compare against the original.", flush=True)
+    rows = []
     csv_path = os.path.join(args.out_dir, "models.csv")
-    for name in _expand(args.models):
+    for name in names:
         for mode in modes:
             case = dict(model=name, mode=mode, device=args.device, threads=args.threads,
                         batch=args.batch, img_size=args.img_size, iters=args.iters,
@@ -168,6 +254,33 @@ def run(args) -> int:
     png_path = os.path.join(args.out_dir, "models.png")
     write_plot(rows, png_path)
     print(f"wrote {csv_path} and {png_path}")
+    return 1 if any(r.get("error") for r in rows) else 0
+
+
+def _run_compare(args, names: list) -> int:
+    rows = []
+    csv_path = os.path.join(args.out_dir, "compare.csv")
+    print(f"stm-bench models: ours vs the original at {args.original} (eager forward+backward, "
+          f"batch {args.batch}, {args.img_size} px, median of {args.rounds} interleaved rounds "
+          f"x {args.iters} steps; speedup = original / ours)", flush=True)
+    for name in names:
+        case = dict(model=name, device=args.device, threads=args.threads, batch=args.batch,
+                    img_size=args.img_size, iters=args.iters, warmup=max(1, args.warmup),
+                    rounds=max(1, args.rounds), original=os.path.abspath(args.original),
+                    original_timm=args.original_timm and os.path.abspath(args.original_timm),
+                    compare=True)
+        row = _run_isolated(case)
+        rows.append(row)
+        if row.get("error"):
+            line = f"ERROR {row['error']}"
+        elif row.get("original_ms"):
+            line = (f"ours {row['ours_ms']:9.1f} ms  original {row['original_ms']:9.1f} ms  "
+                    f"{row['speedup']:.3f}x  max|diff| {row['max_abs_diff']}")
+        else:
+            line = f"ours {row['ours_ms']:9.1f} ms  ({row['note']})"
+        print(f"{name:28s} {line}", flush=True)
+        _write_csv(rows, csv_path, COMPARE_FIELDS)
+    print(f"wrote {csv_path}")
     return 1 if any(r.get("error") for r in rows) else 0
 
 
