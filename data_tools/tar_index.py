@@ -26,7 +26,8 @@ def split_member_name(name: str) -> tuple[str, str]:
     return name[:dot], name[dot + 1 :]
 
 
-def _header(name: str, size: int) -> bytes:
+def _tarfile_header(name: str, size: int) -> bytes:
+    """The reference: what tarfile writes for our fixed metadata (the tests compare the two)."""
     ti = tarfile.TarInfo(name)
     ti.size = size
     ti.mtime = 0
@@ -36,6 +37,25 @@ def _header(name: str, size: int) -> bytes:
     buf = ti.tobuf(format=tarfile.USTAR_FORMAT, encoding="ascii", errors="strict")
     assert len(buf) == BLOCK, name
     return buf
+
+
+# Every field but name, size and checksum is fixed, so a header is the template with those filled
+# in: ~10x cheaper than a TarInfo round trip, and one was built per member.
+_ZERO8 = b"0000000\0"
+_BEFORE_SIZE = b"0000644\0" + _ZERO8 + _ZERO8  # mode, uid, gid (offsets 100..124)
+_AFTER_CHKSUM = b"0" + b"\0" * 100 + b"ustar\x0000" + b"\0" * 80  # type, link, magic, owner names, dev
+
+
+_SPACES_AND_AFTER = 8 * ord(" ") + sum(_AFTER_CHKSUM)
+
+
+def _header(name: str, size: int) -> bytes:
+    raw = name.encode("ascii")  # UnicodeEncodeError for a non-ASCII key, as tarfile's "strict"
+    if len(raw) >= 100:
+        raise ValueError(f"member name {name!r} is too long for a ustar header")
+    head = raw.ljust(100, b"\0") + _BEFORE_SIZE + b"%011o\0" % size + b"00000000000\0"
+    chksum = sum(head) + _SPACES_AND_AFTER  # the checksum field counts as eight spaces
+    return (head + b"%06o\0 " % chksum + _AFTER_CHKSUM).ljust(BLOCK, b"\0")
 
 
 def sha256_file(f, chunk: int = 1 << 20) -> str:
@@ -75,16 +95,15 @@ class ShardWriter:
         if "." in key or "/" in key or not key:
             raise ValueError(f"sample key {key!r} must be non-empty and contain no '.' or '/'")
         entry = []
+        parts = []
         for ext, data in members:
             name = f"{key}.{ext}"
-            if len(name) >= 100:
-                raise ValueError(f"member name {name!r} is too long for a ustar header")
-            self.f.write(_header(name, len(data)))
-            self.f.write(data)
             pad = -len(data) % BLOCK
-            self.f.write(b"\0" * pad)
+            parts += (_header(name, len(data)), data, b"\0" * pad)
             entry.append((ext, self.pos + BLOCK, len(data), name))
             self.pos += BLOCK + len(data) + pad
+        # One write (and one hash update) per sample instead of six: small calls dominated.
+        self.f.write(b"".join(parts))
         self.samples.append(entry)
 
     def finish(self) -> int:
