@@ -29,6 +29,8 @@ import time
 def build_parser():
     p = argparse.ArgumentParser(prog="stm-analyze", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    # the deepspeed launcher puts --local_rank=N before the subcommand
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="analysis", required=True, metavar="{invariance,erf,robustness}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", required=True, help="registered model name (stm_dist.models.list_models())")
