@@ -3,7 +3,9 @@
 Two layouts are understood:
 
 * the original ImageNet layout: ``ROOT/meta/{split}.txt`` with lines ``relative/path.JPEG label``
-  and the files under ``ROOT/{split}/``;
+  and the files under ``ROOT/{split}/``. Class names come from the folders of ``meta/train.txt``
+  for every split: ImageNet's ``val.txt`` is flat (``ILSVRC2012_val_00000001.JPEG 65``), so on
+  its own it would name classes "0".."999" where train names them by wnid;
 * plain class folders: ``ROOT/{split}/{class}/*``. Classes are the sorted folder names of
   ``ROOT/train`` when it exists (so train and val agree on the mapping), else of the split itself.
 """
@@ -43,6 +45,17 @@ class Source:
         return h.hexdigest()
 
 
+def _folder_names(records: list[Record]) -> dict[int, str]:
+    """label -> its folder, for labels whose samples all live in one folder of their own."""
+    names: dict[int, set[str]] = {}
+    for r in records:
+        names.setdefault(r.label, set()).add(r.rel.split("/", 1)[0] if "/" in r.rel else "")
+    out = {c: next(iter(n)) for c, n in names.items() if len(n) == 1 and "" not in n}
+    if len(set(out.values())) != len(out):
+        return {}
+    return out
+
+
 def _read_meta(root: str, split: str) -> Source:
     meta = os.path.join(root, "meta", f"{split}.txt")
     records = []
@@ -63,15 +76,25 @@ def _read_meta(root: str, split: str) -> Source:
     num_classes = max(r.label for r in records) + 1
     # Name classes after their folder when every label lives in exactly one folder (ImageNet
     # wnids); otherwise the label number is the only name there is.
-    names: dict[int, set[str]] = {}
-    for r in records:
-        names.setdefault(r.label, set()).add(r.rel.split("/", 1)[0] if "/" in r.rel else "")
-    classes = []
-    for c in range(num_classes):
-        n = names.get(c, set())
-        classes.append(next(iter(n)) if len(n) == 1 and "" not in n else str(c))
+    names = _folder_names(records)
+    classes = [names.get(c, str(c)) for c in range(num_classes)]
     if len(set(classes)) != len(classes):
         classes = [str(c) for c in range(num_classes)]
+    train_meta = os.path.join(root, "meta", "train.txt")
+    if split != "train" and os.path.isfile(train_meta):
+        # The train split defines the label -> name mapping; this split must agree with it.
+        train = _read_meta(root, "train")
+        by_label = {}
+        for r in records:
+            by_label.setdefault(r.label, r)
+        for c in sorted(by_label):
+            if c >= len(train.classes):
+                raise SourceError(f"{meta}: label {c} (e.g. {by_label[c].rel}) is not a class of {train_meta}, "
+                                  f"which has {len(train.classes)} classes")
+            if c in names and names[c] != train.classes[c] and train.classes[c] != str(c):
+                raise SourceError(f"{meta}: label {c} is folder {names[c]!r} here but {train.classes[c]!r} in "
+                                  f"{train_meta} (e.g. {by_label[c].rel}); the two splits disagree on the classes")
+        classes = train.classes
     return Source(root, split, "imagenet-meta", records, classes)
 
 

@@ -180,3 +180,37 @@ def test_second_create_on_one_output_is_refused(digits_shards, tmp_path, capsys)
         assert "another `stm-shards create` (pid 4242)" in err and str(out / ".val.lock") in err
         assert not (out / "val.json").exists()
     assert run_cli(*args) == 0 and (out / "val.json").exists()
+
+
+def test_flat_val_takes_class_names_from_train(tmp_path, capsys):
+    photos = real_photos(48)[:4]
+    src = tmp_path / "src"
+    (src / "meta").mkdir(parents=True)
+    train, val = [], []
+    for k, (name, a) in enumerate(photos):
+        wnid = f"n{k:08d}"
+        for split, rel, lines in (("train", f"{wnid}/{name}.JPEG", train), ("val", f"val_{k:03d}.JPEG", val)):
+            p = src / split / rel
+            p.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(a).save(p, quality=90)
+            lines.append(f"{rel} {k}")
+    (src / "meta" / "train.txt").write_text("\n".join(train) + "\n")
+    (src / "meta" / "val.txt").write_text("\n".join(val[:3]) + "\n")  # val lacks the last class
+    for split in ("train", "val"):
+        assert run_cli("create", "--src", src, "--split", split, "--out", tmp_path / "out", "--workers", 1,
+                       "--no-progress") == 0
+    man = {s: json.loads((tmp_path / "out" / f"{s}.json").read_text()) for s in ("train", "val")}
+    assert man["val"]["classes"] == man["train"]["classes"] == [f"n{k:08d}" for k in range(4)]
+    assert man["val"]["class_counts"] == [1, 1, 1, 0]
+    # A val label train does not have, or a val folder naming another class, is an error naming it.
+    (src / "meta" / "val.txt").write_text("\n".join(val) + "\nval_000.JPEG 7\n")
+    capsys.readouterr()
+    assert run_cli("create", "--src", src, "--split", "val", "--out", tmp_path / "o2", "--no-progress") == 2
+    err = capsys.readouterr().err
+    assert "label 7" in err and "val.txt" in err and "4 classes" in err
+    (src / "val" / "n00000001").mkdir()
+    shutil.copy(src / "val" / "val_000.JPEG", src / "val" / "n00000001" / "x.JPEG")
+    (src / "meta" / "val.txt").write_text("n00000001/x.JPEG 0\n")
+    assert run_cli("create", "--src", src, "--split", "val", "--out", tmp_path / "o3", "--no-progress") == 2
+    err = capsys.readouterr().err
+    assert "label 0 is folder 'n00000001' here but 'n00000000'" in err
