@@ -22,10 +22,18 @@ def _plt():
 def _group(runs: list[RunSummary]) -> dict[str, list[RunSummary]]:
     """Runs by mixer and data set: every line says what it was trained and evaluated on, and
     only ImageNet-1k runs carry the paper's points (paper_top1 is None for the others)."""
+    one_dataset = len({r.dataset for r in runs}) == 1  # then the axes title names it, once
     groups: dict[str, list[RunSummary]] = {}
     for r in runs:
-        groups.setdefault(f"{paper.MIXER_TITLES.get(r.mixer, r.model)} [{r.dataset}]", []).append(r)
+        title = paper.MIXER_TITLES.get(r.mixer, r.model)
+        groups.setdefault(title if one_dataset else f"{title} [{r.dataset}]", []).append(r)
     return groups
+
+
+def _data_title(ax, runs: list[RunSummary]):
+    datasets = sorted({r.dataset for r in runs})
+    if len(datasets) == 1:
+        ax.set_title(f"data: {datasets[0]}", fontsize=9)
 
 
 def _top1_vs(runs: list[RunSummary], attr: str, xlabel: str, path: str, scale: float = 1.0):
@@ -50,7 +58,8 @@ def _top1_vs(runs: list[RunSummary], attr: str, xlabel: str, path: str, scale: f
     ax.set_ylabel("top-1 (%)")
     ax.grid(True, alpha=0.3)
     if plotted:
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=7, ncol=2 if len(_group(runs)) > 3 else 1)
+    _data_title(ax, runs)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
