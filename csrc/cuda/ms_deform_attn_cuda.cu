@@ -87,12 +87,12 @@ __device__ __forceinline__ void atomic_add(float* p, const float (&x)[K]) {
   }
 }
 
-// T: value / output type; G: sampling locations and attention weights (T, or float next to a
+// T: value / output type; Geo: sampling locations and attention weights (T, or float next to a
 // half type so that coordinates keep 24 bits).
-template <typename T, typename G, int K>
+template <typename T, typename Geo, int K>
 __global__ void __launch_bounds__(kThreads)
-    forward_kernel(const T* __restrict__ value, const G* __restrict__ loc,
-                   const G* __restrict__ attn, T* __restrict__ out, const Levels lv,
+    forward_kernel(const T* __restrict__ value, const Geo* __restrict__ loc,
+                   const Geo* __restrict__ attn, T* __restrict__ out, const Levels lv,
                    const int64_t rows, const int64_t S, const int Lq, const int M, const int D,
                    const int P) {
   const int G = D / K;
@@ -104,8 +104,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t n = i / (static_cast<int64_t>(Lq) * M);
   const int LP = lv.L * P;
   const int64_t pix = static_cast<int64_t>(M) * D;
-  const G* li = loc + i * LP * 2;
-  const G* ai = attn + i * LP;
+  const Geo* li = loc + i * LP * 2;
+  const Geo* ai = attn + i * LP;
   float acc[K];
 #pragma unroll
   for (int j = 0; j < K; ++j) acc[j] = 0.f;
@@ -135,10 +135,10 @@ __global__ void __launch_bounds__(kThreads)
   *reinterpret_cast<Pack<T, K>*>(out + i * D + cg * K) = o;
 }
 
-template <typename T, typename G, int K, bool kShuffle>
+template <typename T, typename Geo, int K, bool kShuffle>
 __global__ void __launch_bounds__(kThreads)
     backward_kernel(const T* __restrict__ grad_out, const T* __restrict__ value,
-                    const G* __restrict__ loc, const G* __restrict__ attn,
+                    const Geo* __restrict__ loc, const Geo* __restrict__ attn,
                     float* __restrict__ grad_value, float* __restrict__ grad_loc,
                     float* __restrict__ grad_attn, const Levels lv, const int64_t rows,
                     const int64_t S, const int Lq, const int M, const int D, const int P) {
@@ -151,8 +151,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t n = i / (static_cast<int64_t>(Lq) * M);
   const int LP = lv.L * P;
   const int64_t pix = static_cast<int64_t>(M) * D;
-  const G* li = loc + i * LP * 2;
-  const G* ai = attn + i * LP;
+  const Geo* li = loc + i * LP * 2;
+  const Geo* ai = attn + i * LP;
   // The lanes of this row; G divides 32 on the shuffle path and rows start at multiples of G.
   const unsigned lane = threadIdx.x & 31u;
   const unsigned mask =
@@ -237,7 +237,7 @@ void check_cuda_inputs(const char* op, const MsDeformGeometry& g, const at::Tens
     STM_CHECK(g.H[l] * g.W[l] <= INT32_MAX, op, " (CUDA): level ", l, " has more than 2^31 pixels");
 }
 
-// Calls f(T{}, G{}) for the dtypes of value and of the locations / weights (already validated
+// Calls f(T{}, Geo{}) for the dtypes of value and of the locations / weights (already validated
 // by check_ms_deform_inputs: the same, or float next to a half type).
 template <typename F>
 void dispatch_dtype(at::ScalarType t, at::ScalarType geo, F&& f) {
@@ -284,21 +284,21 @@ at::Tensor ms_deform_attn_cuda(const at::Tensor& value_in, const at::Tensor& spa
   const auto stream = at::cuda::getCurrentCUDAStream();
   dispatch_dtype(value.scalar_type(), loc.scalar_type(), [&](auto tag, auto geo_tag) {
     using T = decltype(tag);
-    using G = decltype(geo_tag);
+    using Geo = decltype(geo_tag);
     const T* v = value.const_data_ptr<T>();
     T* o = out.mutable_data_ptr<T>();
     const int K = pick_k<T>(g.D, {v, o});
     const int64_t threads = rows * (g.D / K);
     auto launch = [&](auto kernel) {
       kernel<<<blocks_for(threads), kThreads, 0, stream>>>(
-          v, loc.const_data_ptr<G>(), attn.const_data_ptr<G>(), o, lv, rows, g.S,
+          v, loc.const_data_ptr<Geo>(), attn.const_data_ptr<Geo>(), o, lv, rows, g.S,
           static_cast<int>(g.Lq), static_cast<int>(g.M), static_cast<int>(g.D),
           static_cast<int>(g.P));
     };
     if (K == 1)
-      launch(forward_kernel<T, G, 1>);
+      launch(forward_kernel<T, Geo, 1>);
     else
-      launch(forward_kernel<T, G, 16 / sizeof(T)>);
+      launch(forward_kernel<T, Geo, 16 / sizeof(T)>);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -329,7 +329,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
     const auto stream = at::cuda::getCurrentCUDAStream();
     dispatch_dtype(value.scalar_type(), loc.scalar_type(), [&](auto tag, auto geo_tag) {
       using T = decltype(tag);
-      using G = decltype(geo_tag);
+      using Geo = decltype(geo_tag);
       const T* v = value.const_data_ptr<T>();
       const T* go = grad.const_data_ptr<T>();
       const int K = pick_k<T>(g.D, {v, go});
@@ -338,16 +338,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
       const int64_t threads = rows * G;
       auto launch = [&](auto kernel) {
         kernel<<<blocks_for(threads), kThreads, 0, stream>>>(
-            go, v, loc.const_data_ptr<G>(), attn.const_data_ptr<G>(),
+            go, v, loc.const_data_ptr<Geo>(), attn.const_data_ptr<Geo>(),
             grad_value.mutable_data_ptr<float>(), grad_loc.mutable_data_ptr<float>(),
             grad_attn.mutable_data_ptr<float>(), lv, rows, g.S, static_cast<int>(g.Lq),
             static_cast<int>(g.M), static_cast<int>(g.D), static_cast<int>(g.P));
       };
       constexpr int kv = 16 / sizeof(T);
       if (K == 1)
-        shuffle ? launch(backward_kernel<T, G, 1, true>) : launch(backward_kernel<T, G, 1, false>);
+        shuffle ? launch(backward_kernel<T, Geo, 1, true>) : launch(backward_kernel<T, Geo, 1, false>);
       else
-        shuffle ? launch(backward_kernel<T, G, kv, true>) : launch(backward_kernel<T, G, kv, false>);
+        shuffle ? launch(backward_kernel<T, Geo, kv, true>) : launch(backward_kernel<T, Geo, kv, false>);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }

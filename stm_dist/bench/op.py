@@ -3,7 +3,8 @@
 Shapes are the four stages of unified_dcn_v3_tiny at 224x224 (spec §2.5): stage i has
 dim 64*2^i, 4*2^i heads of 16 channels, a 56/2^i map zero-padded by one pixel on each side as
 the value map, one query per unpadded pixel, one level and 9 points. Prints forward and
-forward+backward milliseconds per call (median) and the speed-up of the kernel over the reference.
+forward+backward milliseconds per call (median; kernel and reference timed in turn, so that a
+busy CPU loads both alike) and the speed-up of the kernel over the reference.
 """
 import argparse
 import statistics
@@ -55,34 +56,40 @@ def stage_inputs(stage, batch, device, dtype, seed=0):
     return value.to(**move), shapes, start, loc.to(**move), attn.to(**move)
 
 
-def _time(fn, iters, warmup, device):
-    """Median milliseconds per call: robust to the other jobs sharing a busy CPU."""
+def _time(fns, iters, warmup, device):
+    """Median milliseconds per call of each of `fns`, timed round-robin (one call of each in
+    turn) so that the kernel and the reference see the same load on a busy shared CPU."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for _ in range(warmup):
-        fn()
+        for fn in fns:
+            fn()
     sync()
+    times = [[] for _ in fns]
     if device == "cuda":  # kernels are short: time batches of calls with events
-        times = []
         for _ in range(5):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(iters):
-                fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / iters)
-        return statistics.median(times)
-    times = []
+            for fn, out in zip(fns, times):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(iters):
+                    fn()
+                end.record()
+                end.synchronize()
+                out.append(start.elapsed_time(end) / iters)
+        return [statistics.median(t) for t in times]
     for _ in range(iters):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+        for fn, out in zip(fns, times):
+            t = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t) * 1e3)
+    return [statistics.median(t) for t in times]
 
 
-def bench_case(impl, inputs, iters, warmup, device):
+def _calls(impl, inputs):
+    """(forward only, forward + backward) closures of one implementation on one stage's inputs."""
     value, shapes, start, loc, attn = inputs
     leaves = [t.detach().requires_grad_() for t in (value, loc, attn)]
+    with torch.no_grad():
+        grad_out = torch.ones_like(impl(value, shapes, start, loc, attn))
 
     def fwd():
         with torch.no_grad():
@@ -92,13 +99,18 @@ def bench_case(impl, inputs, iters, warmup, device):
         v, l, a = leaves
         for t in leaves:
             t.grad = None
-        out = impl(v, shapes, start, l, a)
-        out.backward(grad_out)
+        impl(v, shapes, start, l, a).backward(grad_out)
 
-    with torch.no_grad():
-        grad_out = torch.ones_like(impl(value, shapes, start, loc, attn))
+    return fwd, fwd_bwd
 
-    return _time(fwd, iters, warmup, device), _time(fwd_bwd, iters, warmup, device)
+
+def bench_case(kernel, reference, inputs, iters, warmup, device):
+    """Milliseconds (kernel fwd, reference fwd, kernel f+b, reference f+b)."""
+    kf, kfb = _calls(kernel, inputs)
+    rf, rfb = _calls(reference, inputs)
+    fwd = _time([kf, rf], iters, warmup, device)
+    fwd_bwd = _time([kfb, rfb], iters, warmup, device)
+    return fwd[0], fwd[1], fwd_bwd[0], fwd_bwd[1]
 
 
 def run(args):
@@ -132,8 +144,7 @@ def run(args):
     for dt in dtypes:
         for s in stages:
             inputs = stage_inputs(s, args.batch, device, dt)
-            kf, kfb = bench_case(kernel, inputs, iters, args.warmup, device)
-            rf, rfb = bench_case(ops.ms_deform_attn_reference, inputs, iters, args.warmup, device)
+            kf, rf, kfb, rfb = bench_case(kernel, ops.ms_deform_attn_reference, inputs, iters, args.warmup, device)
             _, heads, size = TINY_STAGES[s]
             print(f"{s + 1:>5} {str(dt).replace('torch.', ''):>9} {heads:>5} {f'{size + 2}x{size + 2}':>9} | "
                   f"{kf:>10.3f} {rf:>9.3f} {rf / kf:>5.1f}x | {kfb:>10.3f} {rfb:>9.3f} {rfb / kfb:>5.1f}x")

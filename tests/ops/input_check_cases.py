@@ -10,14 +10,15 @@ import sys
 
 import torch
 
-def base_inputs():
+def base_inputs(device="cpu"):
     gen = torch.Generator().manual_seed(0)
     shapes = torch.tensor([[4, 5], [2, 2]], dtype=torch.long)
     start = torch.tensor([0, 20], dtype=torch.long)
     value = torch.randn(2, 24, 2, 8, generator=gen)
     loc = torch.rand(2, 3, 2, 2, 4, 2, generator=gen)
     attn = torch.rand(2, 3, 2, 2, 4, generator=gen)
-    return [value, shapes, start, loc, attn]
+    # Level tables stay on the CPU, as callers are told to keep them.
+    return [value.to(device), shapes, start, loc.to(device), attn.to(device)]
 
 
 def _set(i, fn):
@@ -53,14 +54,16 @@ CASES = [
     ("start index", _set(2, lambda a: torch.tensor([0, 19])), "level_start_index[1] = 19"),
     ("start shape", _set(2, lambda a: a[2][:1]), "level_start_index must be (L,)"),
     ("zero size level", _set(1, lambda a: torch.tensor([[0, 5], [4, 6]])), "spatial_shapes[0] = (0, 5) must be positive"),
-    ("float16 accepted on cpu", _halves, None),  # a supported dtype: must not raise
+    ("float16 accepted", _halves, None),  # a supported dtype: must not raise
 ]
 # Backward-only: grad_output is checked like the other inputs.
 BACKWARD_CASES = [
     ("grad_output shape", lambda: torch.zeros(2, 3, 5), "grad_output must be (N, Lq, M*D)"),
     ("grad_output dtype", lambda: torch.zeros(2, 3, 16, dtype=torch.float64), "grad_output has dtype Double"),
 ]
-NAMES = [c[0] for c in CASES] + [c[0] for c in BACKWARD_CASES]
+# Where a GPU is visible the same cases run on CUDA tensors too (the crash seen on the lent GPU).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+NAMES = [f"{c[0]} [{d}]" for d in DEVICES for c in CASES + BACKWARD_CASES]
 
 
 def _run(name, call, expect):
@@ -82,12 +85,15 @@ def main():
         print(json.dumps({"unavailable": "stm_dist._C has no CPU kernel"}), flush=True)
         return 0
     op, bwd = torch.ops.stm_dist.ms_deform_attn, torch.ops.stm_dist.ms_deform_attn_backward
-    for name, mutate, expect in CASES:
-        args = base_inputs()
-        mutate(args)
-        _run(name, lambda: op(*args), expect)
-    for name, grad, expect in BACKWARD_CASES:
-        _run(name, lambda: bwd(grad(), *base_inputs()), expect)
+    for device in DEVICES:
+        for name, mutate, expect in CASES:
+            def call(mutate=mutate, device=device):
+                args = base_inputs(device)
+                mutate(args)
+                op(*args)
+            _run(f"{name} [{device}]", call, expect)
+        for name, grad, expect in BACKWARD_CASES:
+            _run(f"{name} [{device}]", lambda: bwd(grad().to(device), *base_inputs(device)), expect)
     return 0
 
 
