@@ -6,6 +6,13 @@ import os
 import sys
 
 
+def _cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def _create(a) -> int:
     from data_tools.imagenet_src import SourceError
     from data_tools.writer import CreateError, create_shards
@@ -52,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--split", required=True)
     c.add_argument("--out", required=True)
     c.add_argument("--samples-per-shard", type=int, default=1000)
-    c.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    # All usable cores: the parent only collects per-shard records now, so it needs no core of its own.
+    c.add_argument("--workers", type=int, default=_cores())
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--strict", action="store_true", help="fail on the first unusable input instead of skipping it")
     c.add_argument("--no-progress", action="store_true")
