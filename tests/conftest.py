@@ -1,12 +1,14 @@
 import os
-import shutil
-import tempfile
 
-import pytest
-import torch
-
-# Keep the two CI cores from oversubscribing when tests spawn worker processes.
+# Keep the two CI cores from oversubscribing when tests spawn worker processes; set before torch
+# is imported, or this process itself keeps its default thread pool.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 # A private inductor cache per test session: the shared /tmp/torchinductor_<user> keeps whatever an
 # interrupted compile left behind (a truncated .so made a later run fail with "file too short").
 _INDUCTOR_CACHE = tempfile.mkdtemp(prefix="stm-test-inductor-")
