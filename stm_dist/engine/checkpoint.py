@@ -156,6 +156,24 @@ def prune(ckpt_dir: str, keep_last: int):
             shutil.rmtree(os.path.join(universal, t), ignore_errors=True)
 
 
+def locate(path: str, warn=print) -> tuple[str, str, dict]:
+    """Accept a run dir, its checkpoints/ dir or one checkpoint's folder; return
+    (checkpoints dir, tag, COMPLETE marker) of the newest complete checkpoint there."""
+    path = os.path.abspath(path)
+    if os.path.isfile(os.path.join(path, MARKER)) or os.path.basename(path).startswith("step"):
+        marker, reason = _check(path, verify=True)
+        if marker is None:
+            raise FileNotFoundError(f"checkpoint {path} is not complete: {reason}")
+        return os.path.dirname(path), os.path.basename(path), marker
+    for cdir in (os.path.join(path, "checkpoints"), path):
+        if os.path.isdir(cdir):
+            found = latest_complete(cdir, warn=warn, verify=True)
+            if found:
+                return cdir, found[0], found[1]
+    raise FileNotFoundError(f"no complete checkpoint under {path} (expected a run directory, its "
+                            f"checkpoints/ folder or a step* checkpoint folder)")
+
+
 def decide_resume(ckpt_dir: str, resume_from: str | None, rank: int, warn=print):
     """Collective: (checkpoints dir, (tag, marker) or None), chosen by rank 0 for every rank.
     The run's own newest complete checkpoint wins; else `resume_from` (a run dir or one
@@ -171,8 +189,6 @@ def decide_resume(ckpt_dir: str, resume_from: str | None, rank: int, warn=print)
             if found is not None:
                 choice = [(ckpt_dir, found)]
             elif resume_from:
-                from .export import locate
-
                 src, tag, marker = locate(resume_from, warn=warn)
                 warn(f"starting from {os.path.join(src, tag)} (--resume)")
                 choice = [(src, (tag, marker))]

@@ -139,12 +139,6 @@ class ExperimentConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def hash(self) -> str:
-        """Identity of the recipe: what is trained, not where or how (engine/recipe.py)."""
-        from .recipe import recipe, recipe_hash
-
-        return recipe_hash(recipe(self))
-
 
 _CHOICES = {
     ("data", "backend"): ("dali", "pil"),

@@ -11,24 +11,7 @@ import os
 import torch
 
 from . import checkpoint as ckpt
-
-
-def locate(path: str, warn=print) -> tuple[str, str, dict]:
-    """Accept a run dir, its checkpoints/ dir or one checkpoint's folder; return
-    (checkpoints dir, tag, COMPLETE marker) of the newest complete checkpoint there."""
-    path = os.path.abspath(path)
-    if os.path.isfile(os.path.join(path, ckpt.MARKER)) or os.path.basename(path).startswith("step"):
-        marker, reason = ckpt._check(path, verify=True)
-        if marker is None:
-            raise FileNotFoundError(f"checkpoint {path} is not complete: {reason}")
-        return os.path.dirname(path), os.path.basename(path), marker
-    for cdir in (os.path.join(path, "checkpoints"), path):
-        if os.path.isdir(cdir):
-            found = ckpt.latest_complete(cdir, warn=warn, verify=True)
-            if found:
-                return cdir, found[0], found[1]
-    raise FileNotFoundError(f"no complete checkpoint under {path} (expected a run directory, its "
-                            f"checkpoints/ folder or a step* checkpoint folder)")
+from .checkpoint import locate  # noqa: F401  (stm-eval and stm-analyze find checkpoints here too)
 
 
 def consolidate(ckpt_dir: str, tag: str, marker: dict, ema: bool = False) -> dict:

@@ -162,12 +162,12 @@ class Trainer:
     ema = property(lambda self: self.state.ema)
 
     def _client_state(self) -> dict:
-        return dict(self.state.state_dict(), config_hash=self.cfg.hash(), config=self.cfg.to_dict())
+        return dict(self.state.state_dict(), config_hash=recipe_mod.recipe_hash(recipe_mod.recipe(self.cfg)), config=self.cfg.to_dict())
 
     def _check_recipe(self, tag: str, marker: dict):
         where = os.path.join(self.src_dir, tag)
         if "recipe" not in marker:  # written before recipes were recorded
-            if marker.get("config_hash") != self.cfg.hash():
+            if marker.get("config_hash") != recipe_mod.recipe_hash(recipe_mod.recipe(self.cfg)):
                 self.log.info(f"warning: {where} records no recipe to compare; continuing it")
             return
         diffs = recipe_mod.differences(marker["recipe"], recipe_mod.recipe(self.cfg))
@@ -184,7 +184,7 @@ class Trainer:
 
     def save(self) -> str:
         meta = {"world_size": self.world, "zero_stage": self.zero_stage, "precision": self.precision,
-                "model": self.cfg.model.name, "epoch": self.epoch, "config_hash": self.cfg.hash(),
+                "model": self.cfg.model.name, "epoch": self.epoch, "config_hash": recipe_mod.recipe_hash(recipe_mod.recipe(self.cfg)),
                 "recipe": recipe_mod.recipe(self.cfg)}
         tag = ckpt.save(self.engine, self.ckpt_dir, self.step, self._client_state(), meta,
                         self.cfg.checkpoint.keep_last, self.rank)
