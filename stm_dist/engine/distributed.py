@@ -39,6 +39,10 @@ def quiet_known_warnings():
 
     warnings.filterwarnings("ignore", category=FutureWarning,
                             message=r"`torch\.distributed\.\w+` is deprecated")
+    # SyncBatchNorm's differentiable all-reduce (torch.distributed.nn): its suggested replacement
+    # has no autograd; the warning would repeat every micro-step.
+    warnings.filterwarnings("ignore", category=FutureWarning,
+                            message=r"torch\.distributed\.nn\.functional\.all_reduce is deprecated")
 
 
 def init(use_deepspeed: bool = True):
