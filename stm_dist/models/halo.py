@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import MaskCache, Mlp, drop_path_or_identity, layer_scale, sdpa_pays
+from .layers import MaskCache, Mlp, NHWCStage, drop_path_or_identity, layer_scale, sdpa_pays
 
 __all__ = ["HaloBlock", "HaloAttention", "QueryRelatedPosEmbed", "MODELS"]
 
@@ -127,7 +127,7 @@ class HaloAttention(nn.Module):
         return self.proj(out)
 
 
-class HaloBlock(nn.Module):
+class HaloBlock(NHWCStage, nn.Module):
     """Pre-norm block in NHWC; the stage hooks switch layout once per stage, not per block."""
 
     def __init__(self, dim, drop_path=0.0, stage=0, depth=0, total_depth=0, input_resolution=None,
@@ -141,14 +141,6 @@ class HaloBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = drop_path_or_identity(drop_path)
-
-    @staticmethod
-    def pre_stage_transform(x: torch.Tensor) -> torch.Tensor:
-        return x.permute(0, 2, 3, 1).contiguous()
-
-    @staticmethod
-    def post_stage_transform(x: torch.Tensor) -> torch.Tensor:
-        return x.permute(0, 3, 1, 2).contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.attn(self.norm1(x))

@@ -131,3 +131,18 @@ def set_fused_attn(model: nn.Module, enabled: bool = True) -> int:
             m.fused_attn = bool(enabled)
             n += 1
     return n
+
+
+class NHWCStage:
+    """Mixin for blocks that work on (B, H, W, C) maps (PVT, Halo): the stage hooks switch the
+    layout once per stage, so a block reads its tokens as a free (B, H*W, C) view instead of
+    copying NCHW <-> tokens twice per block (the original's `.contiguous()` pair). Same values,
+    same rounding."""
+
+    @staticmethod
+    def pre_stage_transform(x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 2, 3, 1).contiguous()
+
+    @staticmethod
+    def post_stage_transform(x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 3, 1, 2).contiguous()

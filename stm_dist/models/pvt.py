@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from timm.layers import trunc_normal_
 
-from .layers import Mlp, drop_path_or_identity, layer_scale
+from .layers import Mlp, NHWCStage, drop_path_or_identity, layer_scale
 
 __all__ = ["SpatialReductionAttention", "PvtBlock", "PvtV2Block", "MODELS"]
 
@@ -59,22 +59,8 @@ class SpatialReductionAttention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
-class _TokenLayout:
-    """Blocks of a stage exchange (B, H, W, C) maps: the stage hooks switch layout once per stage,
-    so a block reads its tokens as a free (B, H*W, C) view instead of copying NCHW <-> tokens
-    twice per block (the original's `.contiguous()` pair). Same values, same rounding."""
-
-    @staticmethod
-    def pre_stage_transform(x: torch.Tensor) -> torch.Tensor:
-        return x.permute(0, 2, 3, 1).contiguous()
-
-    @staticmethod
-    def post_stage_transform(x: torch.Tensor) -> torch.Tensor:
-        return x.permute(0, 3, 1, 2).contiguous()
-
-
-class PvtBlock(_TokenLayout, nn.Module):
-    """PVT-v1 block, (B, H, W, C) in and out (see _TokenLayout).
+class PvtBlock(NHWCStage, nn.Module):
+    """PVT-v1 block, (B, H, W, C) in and out (see NHWCStage).
 
     The first block of every stage owns a learned positional embedding that is added to the
     residual stream (classification variant of the original). It is stored at the construction
@@ -143,7 +129,7 @@ class DepthwiseConvMlp(nn.Module):
         return self.fc2(self.act(self.dwconv(self.fc1(x), H, W)))
 
 
-class PvtV2Block(_TokenLayout, nn.Module):
+class PvtV2Block(NHWCStage, nn.Module):
     """PVT-v2 block, (B, H, W, C) in and out: SRA + depth-wise-conv MLP, no positional embedding."""
 
     def __init__(self, dim, drop_path, stage, depth, total_depth, input_resolution, layer_scale_init_value,
