@@ -1,7 +1,7 @@
 """Everything a checkpoint restores beyond DeepSpeed's own files, as one object.
 
-Position (step, epoch, step within the epoch), the data iterators of this rank's micro-batch
-slots, the random streams, the sharded EMA and the loss scale. Each rank saves its
+Position (step, epoch, step within the epoch), the data position (`DataFeed`), the random
+streams, the sharded EMA and the loss scale. Each rank saves its
 `state_dict()` as stm_rank<r>.pt; `load_state_dict()` takes every saved rank's state, so a run
 can resume at another world size (the data slots and EMA slices are regrouped; the random
 streams, which belong to ranks, are re-derived from the seed and step).
@@ -41,15 +41,15 @@ def set_rng_state(s: dict):
 
 
 class TrainState:
-    def __init__(self, slots: list[int], loaders: list, ema, runner, seed: int, rank: int, world: int):
-        self.slots, self.loaders, self.ema, self.runner = slots, loaders, ema, runner
+    def __init__(self, feed, ema, runner, seed: int, rank: int, world: int):
+        self.feed, self.ema, self.runner = feed, ema, runner
         self.seed, self.rank, self.world = seed, rank, world
         self.step = self.epoch = self.step_in_epoch = 0
 
     def state_dict(self) -> dict:
         return {
             "step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-            "loaders": {slot: ld.state_dict() for slot, ld in zip(self.slots, self.loaders)},
+            "loaders": self.feed.state_dict(),
             "rng": rng_state(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "runner": self.runner.state_dict(),
@@ -61,18 +61,7 @@ class TrainState:
         saved_world = len(clients)
         mine = clients[self.rank] if self.rank < saved_world else clients[0]
         self.step, self.epoch, self.step_in_epoch = mine["step"], mine["epoch"], mine["step_in_epoch"]
-        slot_states = {}
-        for c in clients:
-            slot_states.update(c["loaders"])
-        for slot, ld in zip(self.slots, self.loaders):
-            if slot not in slot_states:
-                from .config import ConfigError
-
-                raise ConfigError(f"checkpoint {where} has no data-iterator state for micro-batch slot {slot}: "
-                                  f"train.global_batch / train.micro_batch changed since it was saved; resume "
-                                  f"with the saved train.micro_batch (the world size may change)")
-            ld.set_epoch(self.epoch)
-            ld.load_state_dict(slot_states[slot])
+        self.feed.load_state_dict([c["loaders"] for c in clients], self.epoch, where)
         if self.ema is not None:
             states = [c.get("ema") for c in clients]
             if any(st is None or "frags" not in st for st in states):

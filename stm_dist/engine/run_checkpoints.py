@@ -1,0 +1,97 @@
+"""A run directory's checkpoints as the trainer sees them: its first config and config history,
+the one resume decision for all ranks, the recipe guard, saving and loading the training state.
+The files themselves (markers, hashes, pruning, universal conversion) are checkpoint.py's."""
+from __future__ import annotations
+
+import os
+import time
+
+from . import checkpoint as ckpt
+from . import config as config_mod
+from . import recipe as recipe_mod
+from .distributed import barrier
+
+
+def prepare_run_dir(cfg, run_dir: str, rank: int):
+    """Rank 0: move old checkpoints aside for --fresh, keep the first config.yaml, append this
+    start to config_history.yaml. Returns where --fresh moved checkpoints (or None)."""
+    moved = None
+    if rank == 0:
+        if cfg.run.fresh:
+            moved = ckpt.move_aside(run_dir)
+        os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+        first = os.path.join(run_dir, "config.yaml")
+        if not os.path.exists(first):  # the run's first config stays; every start is appended below
+            config_mod.dump(cfg, first)
+        config_mod.append_history(cfg, os.path.join(run_dir, "config_history.yaml"),
+                                  time.strftime("%Y-%m-%d %H:%M:%S %z"))
+    barrier()
+    return moved
+
+
+class RunCheckpoints:
+    def __init__(self, cfg, run_dir: str, rank: int, world: int, log):
+        self.cfg, self.run_dir, self.rank, self.world, self.log = cfg, run_dir, rank, world, log
+        self.ckpt_dir = os.path.join(run_dir, "checkpoints")
+        self.recipe = recipe_mod.recipe(cfg)
+        self.recipe_hash = recipe_mod.recipe_hash(self.recipe)
+        # One decision for all ranks: rank 0 reads the directory and tells the others (node-local
+        # disks or NFS attribute caches can show ranks different listings).
+        self.src_dir, self.resume = ckpt.decide_resume(self.ckpt_dir, cfg.run.resume_from, rank, warn=log.info)
+        if self.resume:
+            self._check_recipe(*self.resume)
+
+    def _check_recipe(self, tag: str, marker: dict):
+        where = os.path.join(self.src_dir, tag)
+        if "recipe" not in marker:  # written before recipes were recorded
+            if marker.get("config_hash") != self.recipe_hash:
+                self.log.info(f"warning: {where} records no recipe to compare; continuing it")
+            return
+        diffs = recipe_mod.differences(marker["recipe"], self.recipe)
+        if not diffs:
+            return
+        listing = "\n  ".join(diffs)
+        if self.cfg.run.allow_recipe_change:
+            self.log.info(f"run.allow_recipe_change=true: continuing {where} with a changed recipe:\n  {listing}")
+            return
+        raise config_mod.ConfigError(
+            f"{where} was trained with another recipe (saved -> now):\n  {listing}\n"
+            f"Use another run.out_dir, pass --fresh to move these checkpoints aside, or set "
+            f"run.allow_recipe_change=true to continue with the change.")
+
+    def prepare_load(self) -> tuple[str | None, bool]:
+        """(directory DeepSpeed loads from, whether it is a universal conversion)."""
+        if not self.resume:
+            return None, False
+        marker = self.resume[1]
+        # ZeRO 0 saves whole (replicated) optimizer state, which loads at any world size;
+        # DeepSpeed's universal conversion would fail on it (no per-rank optimizer files).
+        if int(marker["world_size"]) == self.world or int(marker["zero_stage"]) == 0:
+            return self.src_dir, False
+        load_dir = os.path.join(self.run_dir, "checkpoints_universal")
+        if self.rank == 0:
+            ckpt.to_universal(self.src_dir, self.resume[0], load_dir, int(marker["zero_stage"]), log=self.log.info)
+        barrier()
+        return load_dir, True
+
+    def save(self, engine, state, zero_stage: int, precision: str) -> str:
+        meta = {"world_size": self.world, "zero_stage": zero_stage, "precision": precision,
+                "model": self.cfg.model.name, "epoch": state.epoch, "config_hash": self.recipe_hash,
+                "recipe": self.recipe}
+        client = dict(state.state_dict(), config_hash=self.recipe_hash, config=self.cfg.to_dict())
+        tag = ckpt.save(engine, self.ckpt_dir, state.step, client, meta, self.cfg.checkpoint.keep_last, self.rank)
+        self.log.info(f"saved checkpoint {tag} (epoch {state.epoch}, step {state.step})")
+        return tag
+
+    def load(self, engine, state, load_dir: str, universal: bool, new_ema):
+        tag, marker = self.resume
+        tag_dir = os.path.join(self.src_dir, tag)
+        path, _ = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
+                                         load_lr_scheduler_states=False)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {os.path.join(load_dir, tag)}")
+        saved_world = int(marker["world_size"])
+        clients = ckpt.load_all_clients(tag_dir, saved_world)
+        state.load_state_dict(clients, tag_dir, log=self.log.info, new_ema=new_ema)
+        self.log.info(f"resumed from {tag_dir} at epoch {state.epoch}, step {state.step}"
+                      + (f" (saved by {saved_world} processes, loaded via universal checkpoint)" if universal else ""))
