@@ -4,7 +4,9 @@ Queries are grouped in 7x7 blocks; each block attends the 13x13 window around it
 Beyond the original: any input size works. The map is zero-padded (bottom/right) to a multiple
 of the block size and every key position outside the real image (halo padding and block
 padding alike) is masked, so results never depend on padding. At sizes that are multiples of
-the block size this is exactly the original's computation.
+the block size this is exactly the original's computation. A map that fits in one block (the
+last stage at 224 px, the late stages of small inputs) attends only its real pixels: the same
+function without the masked keys (5.8x faster micro f+b at 32 px).
 """
 import torch
 import torch.nn as nn
@@ -29,20 +31,28 @@ class QueryRelatedPosEmbed(nn.Module):
         self.height_rel = nn.Parameter(torch.randn(2 * win_size - 1, dim_head) * scale)
         self.width_rel = nn.Parameter(torch.randn(2 * win_size - 1, dim_head) * scale)
 
-    def forward(self, q: torch.Tensor) -> torch.Tensor:
-        """q (..., bs*bs, d) -> logits (..., bs*bs, win*win)."""
+    def forward(self, q: torch.Tensor, grid=None, keys=None, key_offset: int = 0) -> torch.Tensor:
+        """q (..., qh*qw, d) -> logits (..., qh*qw, kh*kw).
+
+        Default: a whole block of queries against its whole window. `grid=(qh, qw)` queries
+        against `keys=(kh, kw)` window positions starting `key_offset` rows/columns into the
+        window: the real pixels of a map that fits in one block."""
         bs, win = self.block_size, self.win_size
+        qh, qw = grid or (bs, bs)
+        kh, kw = keys or (win, win)
         lead = q.shape[:-2]
-        q = q.reshape(*lead, bs, bs, q.shape[-1])
-        # idx[p, k] = k - p + win - 1: which relative embedding a (query p, key k) pair uses.
-        idx = (torch.arange(win, device=q.device)[None, :] - torch.arange(bs, device=q.device)[:, None]
-               + win - 1)
+        q = q.reshape(*lead, qh, qw, q.shape[-1])
+
+        def index(nq, nk):  # [p, k] = k - p + win - 1: the relative embedding of (query p, key k)
+            return (torch.arange(nk, device=q.device)[None, :] + key_offset
+                    - torch.arange(nq, device=q.device)[:, None] + win - 1)
+
         rh = q @ self.height_rel.transpose(0, 1)  # (..., qy, qx, 2win-1)
         rw = q @ self.width_rel.transpose(0, 1)
-        rh = torch.gather(rh, -1, idx[:, None, :].expand(*lead, bs, bs, win))  # (..., qy, qx, ky)
-        rw = torch.gather(rw, -1, idx[None, :, :].expand(*lead, bs, bs, win))  # (..., qy, qx, kx)
+        rh = torch.gather(rh, -1, index(qh, kh)[:, None, :].expand(*lead, qh, qw, kh))  # (..., qy, qx, ky)
+        rw = torch.gather(rw, -1, index(qw, kw)[None, :, :].expand(*lead, qh, qw, kw))  # (..., qy, qx, kx)
         logits = rh.unsqueeze(-1) + rw.unsqueeze(-2)  # (..., qy, qx, ky, kx)
-        return logits.reshape(*lead, bs * bs, win * win)
+        return logits.reshape(*lead, qh * qw, kh * kw)
 
 
 # Key masks per resolution, shared by every block (and model) of the process; bounded.
@@ -95,7 +105,37 @@ class HaloAttention(nn.Module):
 
         return _MASKS.get((H, W, bs, hs, str(device), dtype), build)
 
+    def _attend(self, q, k, v, pos, mask=None):
+        """softmax(q k^T * scale + pos) v over the last two dims; `mask` (bool, True = a real key)."""
+        if sdpa_pays(self.fused_attn, q, q.requires_grad or self.pos_embed.height_rel.requires_grad):
+            if mask is not None:
+                pos = pos + self._key_mask(*mask, q.device, q.dtype)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=pos, scale=self.scale)
+        attn = (q * self.scale) @ k.transpose(-1, -2) + pos
+        if mask is not None:
+            attn = attn.masked_fill(~self._key_mask(*mask, q.device), -torch.finfo(attn.dtype).max)
+        return attn.softmax(dim=-1) @ v
+
+    def _one_block(self, x: torch.Tensor) -> torch.Tensor:
+        """A map that fits in one block: its window holds the whole map and padding only, and
+        masked keys carry exactly zero weight, so attending just the H*W real keys from the H*W
+        real queries is the same function at a fraction of the cost (49x169 -> 4x4 logits for a
+        2x2 map; 49x49 for the 7x7 last stage at 224 px)."""
+        B, H, W, _ = x.shape
+        h, dqk, dv = self.num_heads, self.dim_head_qk, self.dim_head_v
+        q = self.q(x).reshape(B, H * W, h, dqk).transpose(1, 2)  # (B, h, HW, dqk), head-major channels
+        kv = self.kv(x.permute(0, 3, 1, 2)).reshape(B, h, dqk + dv, H * W).transpose(-1, -2)
+        k, v = kv.split([dqk, dv], dim=-1)
+        pos = self.pos_embed(q, grid=(H, W), keys=(H, W), key_offset=self.halo_size)
+        out = self._attend(q, k, v, pos)  # (B, h, HW, dv)
+        return self.proj(out.transpose(1, 2).reshape(B, H, W, h * dv))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # NHWC -> NHWC
+        if x.shape[1] <= self.block_size and x.shape[2] <= self.block_size:
+            return self._one_block(x)
+        return self._blocked(x)
+
+    def _blocked(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, _ = x.shape
         bs, hs, win, h = self.block_size, self.halo_size, self.win_size, self.num_heads
         dqk, dv = self.dim_head_qk, self.dim_head_v
@@ -113,14 +153,7 @@ class HaloAttention(nn.Module):
         kv = kv.reshape(B, h, dqk + dv, nb, win * win).permute(0, 1, 3, 4, 2)
         k, v = kv.split([dqk, dv], dim=-1)
 
-        if sdpa_pays(self.fused_attn, q, q.requires_grad or self.pos_embed.height_rel.requires_grad):
-            attn_mask = self.pos_embed(q) + self._key_mask(H, W, x.device, q.dtype)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale)
-        else:
-            attn = (q * self.scale) @ k.transpose(-1, -2) + self.pos_embed(q)  # (B, h, nb, bs², win²)
-            mask = self._key_mask(H, W, x.device)
-            attn = attn.masked_fill(~mask, -torch.finfo(attn.dtype).max).softmax(dim=-1)
-            out = attn @ v
+        out = self._attend(q, k, v, self.pos_embed(q), mask=(H, W))  # logits (B, h, nb, bs², win²)
 
         out = out.reshape(B, h, nbh, nbw, bs, bs, dv).permute(0, 2, 4, 3, 5, 1, 6)
         out = out.reshape(B, Hp, Wp, h * dv)[:, :H, :W, :]

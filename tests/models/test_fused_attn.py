@@ -97,14 +97,32 @@ def test_masks_shared_across_blocks_and_bounded(stm, module, builder, monkeypatc
     monkeypatch.setattr(module, builder, lambda *a, **k: built.append(a[:2]) or real(*a, **k))
     with torch.no_grad():
         model(torch.randn(1, 3, 96, 96))
-    # 96 px gives 24/12/6/3 maps, all padded. Halo: one key mask per map size. Swin: at 24 and
-    # 12 a padding-only and a shifted mask, at 6 and 3 (one window) padding only.
-    want = 6 if stm == "swin" else 4
+    # 96 px gives 24/12/6/3 maps, all padded. Halo: one key mask per map size larger than a
+    # block (maps within one block attend their real pixels only: no mask). Swin: at 24 and 12
+    # a padding-only and a shifted mask, at 6 and 3 (one window) padding only.
+    want = 6 if stm == "swin" else 2
     assert len(built) == len(module._MASKS) == want, built  # one build per mask, not per block
     with torch.no_grad():
         model(torch.randn(2, 3, 96, 96))
     assert len(built) == want  # the second pass only hits
     with torch.no_grad():
-        for size in (32, 64, 128):
+        for size in (32, 64, 128) if stm == "swin" else (64, 128, 160, 192, 224):
             model(torch.randn(1, 3, size, size))
     assert len(module._MASKS) == 8 and len(built) > 8  # many resolutions: evicted, not grown
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("hw", [(1, 1), (2, 2), (3, 5), (7, 4), (7, 7)])
+def test_halo_one_block_path_equals_the_masked_window(hw, fused):
+    """A map within one block attends only its real pixels; the general path attends the whole
+    13x13 window with padding masked. Same function, forward and backward (float64)."""
+    torch.manual_seed(0)
+    attn = halo.HaloAttention(64, 2, block_size=7, halo_size=3, fused_attn=fused).double()
+    x = torch.randn(2, *hw, 64, dtype=torch.float64, requires_grad=True)
+    fast, full = attn._one_block(x), attn._blocked(x)
+    torch.testing.assert_close(fast, full, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(fast)
+    grads_fast = torch.autograd.grad(fast, [x] + list(attn.parameters()), g)
+    grads_full = torch.autograd.grad(full, [x] + list(attn.parameters()), g)
+    for a, b in zip(grads_fast, grads_full):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
