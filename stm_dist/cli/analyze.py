@@ -13,6 +13,8 @@ erf         effective receptive field of the last stage over --images images
             -> OUT/erf.json (area ratios), erf.png (log-scaled heatmap), erf_map.npy
 robustness  FGSM and PGD-l_inf (--pgd-steps, step eps/4, random start) per --eps
             -> OUT/robustness.json + .png
+all         the invariance types of --types, then erf, then robustness, in one process (each
+            launch costs seconds of imports): the same files as the three commands
 
 --checkpoint takes what stm-eval takes (our exports, a run directory or checkpoint folder, the
 original release files), or `random` for an untrained model (timing, tests). Run it plainly or
@@ -31,7 +33,7 @@ def build_parser():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     # the deepspeed launcher puts --local_rank=N before the subcommand
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
-    sub = p.add_subparsers(dest="analysis", required=True, metavar="{invariance,erf,robustness}")
+    sub = p.add_subparsers(dest="analysis", required=True, metavar="{invariance,erf,robustness,all}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", required=True, help="registered model name (stm_dist.models.list_models())")
     common.add_argument("--checkpoint", required=True, help=".pth file, run directory, checkpoint folder or 'random'")
@@ -50,14 +52,34 @@ def build_parser():
     common.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     inv = sub.add_parser("invariance", parents=[common], help="translation / rotation / scale invariance")
     inv.add_argument("--type", required=True, choices=["translation", "pre_rotation", "post_rotation", "scale"])
-    erf = sub.add_parser("erf", parents=[common], help="effective receptive field of the last stage")
+    erf = argparse.ArgumentParser(add_help=False)
     erf.add_argument("--images", type=int, default=50, help="validation images summed (default 50)")
-    rob = sub.add_parser("robustness", parents=[common], help="FGSM and PGD-l_inf accuracy vs eps")
+    rob = argparse.ArgumentParser(add_help=False)
     rob.add_argument("--eps", nargs="+", default=None,
                      help="l_inf budgets in pixel units of [0, 1]; fractions accepted (default 0 1/255 2/255 4/255)")
     rob.add_argument("--pgd-steps", type=int, default=10)
     rob.add_argument("--pgd-step-size", default=None, help="default eps/4 (a number or fraction)")
+    sub.add_parser("erf", parents=[common, erf], help="effective receptive field of the last stage")
+    sub.add_parser("robustness", parents=[common, rob], help="FGSM and PGD-l_inf accuracy vs eps")
+    every = sub.add_parser("all", parents=[common, erf, rob],
+                           help="invariance (--types), erf and robustness in one process")
+    every.add_argument("--types", nargs="+", default=["translation"],
+                       choices=["translation", "pre_rotation", "post_rotation", "scale"], help="invariance types")
+    every.add_argument("--erf-img-size", type=int, default=None, help="erf input size (default --img-size)")
+    every.add_argument("--robustness-limit", type=int, default=None,
+                       help="robustness images (default --limit): attacks cost many passes per image")
     return p
+
+
+def expand(args) -> list:
+    """The single-analysis argument sets that `stm-analyze all` stands for (others: itself)."""
+    if args.analysis != "all":
+        return [args]
+    base = {k: v for k, v in vars(args).items() if k not in ("analysis", "types", "erf_img_size", "robustness_limit")}
+    out = [argparse.Namespace(**base, analysis="invariance", type=t) for t in args.types]
+    out.append(argparse.Namespace(**dict(base, img_size=args.erf_img_size or args.img_size), analysis="erf"))
+    out.append(argparse.Namespace(**dict(base, limit=args.robustness_limit or args.limit), analysis="robustness"))
+    return out
 
 
 def run(args, checked: dict | None = None) -> tuple[dict, list]:
@@ -156,24 +178,25 @@ def main(argv=None) -> int:
     from stm_dist.data.manifest import ShardError
 
     try:  # torch-free checks first: bad input is named at once, with no process group to end
-        checked = check(args)
+        jobs = [(a, check(a)) for a in expand(args)]
     except (AnalysisError, ShardError) as e:
         print(f"stm-analyze: {e}", file=sys.stderr)
         return 1
     from stm_dist.engine.distributed import finish
     from stm_dist.models.pretrained import CheckpointError
 
-    try:
-        r, files = run(args, checked)
-    except KeyError as e:  # unknown model: its message is the first argument
-        print(f"stm-analyze: {e.args[0] if e.args else e}", file=sys.stderr)
-        finish(1)
-    except (FileNotFoundError, CheckpointError, ValueError, RuntimeError) as e:
-        print(f"stm-analyze: {e}", file=sys.stderr)
-        finish(1)
-    if files:
-        print(f"{r['model']} {args.analysis}: {_summary(r)} ({r['num_images']} images, {r['world_size']} "
-              f"process(es), {r['seconds']:.1f}s) -> {', '.join(files)}", flush=True)
+    for job, checked in jobs:
+        try:
+            r, files = run(job, checked)
+        except KeyError as e:  # unknown model: its message is the first argument
+            print(f"stm-analyze: {e.args[0] if e.args else e}", file=sys.stderr)
+            finish(1)
+        except (FileNotFoundError, CheckpointError, ValueError, RuntimeError) as e:
+            print(f"stm-analyze: {e}", file=sys.stderr)
+            finish(1)
+        if files:
+            print(f"{r['model']} {job.analysis}: {_summary(r)} ({r['num_images']} images, {r['world_size']} "
+                  f"process(es), {r['seconds']:.1f}s) -> {', '.join(files)}", flush=True)
     finish(0)
     return 0
 

@@ -128,19 +128,17 @@ def _compare(a, out: str, shards: str, env: dict, times: dict, t_all: float) -> 
         times["train"] += _train(a, shards, env, run_dir, [f"model.name={model}", f"schedule.epochs={a.compare_epochs}"]
                                  + a.overrides, f"train {model} with DeepSpeed on {a.procs} processes")
         times["export"] += _run([py, "-m", "stm_dist.cli.export", run_dir, "-o", path], f"export {model}", env)
-        common = ["--model", model, "--checkpoint", path, "--data", shards, "--batch", "16",
-                  "--num-threads", "0", "--out", os.path.join(out, "analyses", model)]
         # Small budgets keep the five analyses inside the demo's minutes: the image counts, and
         # 5 PGD steps instead of the tool's default 10. The ERF is probed at 128 px (RepLKNet
         # probes 224 px models at 1024): at the 32 px training size every model sees the whole
-        # image and the area ratios say nothing.
-        for what, extra in (("invariance (translation)",
-                             ["invariance", "--type", "translation", "--limit", str(n), "--img-size", "32"]),
-                            ("effective receptive field", ["erf", "--images", str(n), "--img-size", "128"]),
-                            ("FGSM / PGD robustness",
-                             ["robustness", "--limit", str(n // 2), "--pgd-steps", "5", "--img-size", "32"])):
-            # one process: on 2 cores a second one saves less compute than its start-up costs
-            times["analyses"] += _run([py, "-m", "stm_dist.cli.analyze"] + extra + common, f"{model}: {what}", env)
+        # image and the area ratios say nothing. One process for the three (`all`): each
+        # launch costs ~7 s of imports; on 2 cores a second process saves less than it costs.
+        times["analyses"] += _run(
+            [py, "-m", "stm_dist.cli.analyze", "all", "--model", model, "--checkpoint", path, "--data", shards,
+             "--batch", "16", "--num-threads", "0", "--out", os.path.join(out, "analyses", model),
+             "--types", "translation", "--limit", str(n), "--img-size", "32", "--images", str(n),
+             "--erf-img-size", "128", "--robustness-limit", str(n // 2), "--pgd-steps", "5"],
+            f"{model}: invariance (translation), effective receptive field, FGSM / PGD robustness", env)
     report = os.path.join(out, "report")
     times["report"] = _run([py, "-m", "stm_dist.cli.report", os.path.join(out, "train"), "--analyses",
                             os.path.join(out, "analyses"), "-o", report], "the comparison report", env)

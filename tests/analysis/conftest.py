@@ -101,7 +101,7 @@ def _fit(digits_shards, tmp_path_factory):
     feats, labels = [], []
     with torch.no_grad():
         for _, _, images, y in data:
-            feats.append(model.forward_features(images).double())
+            feats.append(model.forward_head(model.forward_features(images), pre_logits=True).double())
             labels.append(y)
     X, y = torch.cat(feats), torch.cat(labels)
     X1 = torch.cat([X, torch.ones(len(X), 1, dtype=X.dtype)], 1)
@@ -135,10 +135,12 @@ def _many(argvs, nproc):
     return proc
 
 
+_COMMON = ["--img-size", "32", "--batch", "4", "--num-threads", "0"]
+
+
 def _argvs(shards, ckpt, out, model=MODEL):
     # 13 / 11 / 7 images in batches of 4: odd counts, a short last batch, 2 ranks with unequal work
-    common = ["--model", model, "--checkpoint", ckpt, "--data", shards, "--img-size", "32", "--batch", "4",
-              "--num-threads", "0"]
+    common = ["--model", model, "--checkpoint", ckpt, "--data", shards] + _COMMON
     return [["invariance", "--type", "translation", "--limit", "13", "--out", out] + common,
             ["erf", "--images", "11", "--out", out] + common,
             ["robustness", "--limit", "7", "--pgd-steps", "2", "--out", out] + common]
@@ -147,9 +149,13 @@ def _argvs(shards, ckpt, out, model=MODEL):
 @pytest.fixture(scope="session")
 def outputs(digits_shards, fitted, tmp_path_factory):
     """The three analyses on the fitted model, 1 process and 2 processes, plus a second mixer
-    (random init, 1 process) for the report."""
+    (random init, 1 process) for the report. The 2-process run is `stm-analyze all`, so the
+    1-process == 2-process tests also hold `all` to the three separate commands."""
     root = tmp_path_factory.mktemp("analyses")
     one, two = str(root / "one" / MODEL), str(root / "two" / MODEL)
     _many(_argvs(digits_shards, fitted[1], one) + _argvs(digits_shards, "random", str(root / "one" / SECOND), SECOND), 1)
-    _many(_argvs(digits_shards, fitted[1], two), 2)
+    proc = launch(["-m", "stm_dist.cli.analyze", "all", "--types", "translation", "--limit", "13", "--images", "11",
+                   "--robustness-limit", "7", "--pgd-steps", "2", "--out", two] + _COMMON + [
+                   "--model", MODEL, "--checkpoint", fitted[1], "--data", digits_shards], 2)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return {"root": str(root / "one"), "one": one, "two": two}

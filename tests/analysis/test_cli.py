@@ -10,10 +10,12 @@ from conftest import MODEL, read_json, run_analyze
 def test_help_explains_the_three_analyses():
     proc = run_analyze("--help")
     assert proc.returncode == 0
-    for word in ("invariance", "erf", "robustness", "--checkpoint", "torchrun"):
+    for word in ("invariance", "erf", "robustness", "all", "--checkpoint", "torchrun"):
         assert word in proc.stdout
     proc = run_analyze("robustness", "--help")
     assert proc.returncode == 0 and "--eps" in proc.stdout and "1/255" in proc.stdout
+    proc = run_analyze("all", "--help")
+    assert proc.returncode == 0 and all(w in proc.stdout for w in ("--types", "--images", "--eps", "--erf-img-size"))
 
 
 @pytest.mark.parametrize("args,message", [
