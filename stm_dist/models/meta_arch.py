@@ -9,11 +9,12 @@ Attribute names are the original's state-dict prefixes (`downsample_layers`, `st
 `stage_norms`, `stage_end_norm`, `conv_head`, `avg_head`, `head`): released checkpoints load
 strictly.
 """
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
+from timm.models._features import feature_take_indices
 from torch.utils.checkpoint import checkpoint
 
 from .layers import LayerNorm2d, to_2tuple
@@ -111,6 +112,7 @@ class MetaArch(nn.Module):
         self.depths, self.dims = tuple(depths), tuple(dims)
         self.img_size = to_2tuple(img_size)
         self.num_classes = num_classes
+        self.in_chans = in_channels
         self.forward_kwargs = dict(forward_kwargs or {})
         self.grad_checkpointing = grad_checkpointing
         self.features_only = features_only
@@ -141,6 +143,7 @@ class MetaArch(nn.Module):
         self.stage_end_norm = nn.Identity() if norm_every_stage else LayerNorm2d(dims[-1])
 
         self.num_features = int(dims[-1] * extra_transform_ratio) if extra_transform else dims[-1]
+        self.head_hidden_size = self.num_features
         if features_only:
             # A feature extractor has no classifier: unused parameters would upset DDP/ZeRO.
             self.conv_head = self.avg_head = self.head = None
@@ -160,7 +163,7 @@ class MetaArch(nn.Module):
         self.feature_info = FeatureInfo([info[i] for i in self.out_indices] if features_only else info)
         self.apply(_init_weights)
 
-    # -- interface -------------------------------------------------------------------------
+    # -- timm's model interface --------------------------------------------------------------
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
@@ -170,22 +173,74 @@ class MetaArch(nn.Module):
         skip.update(n for n, _ in self.named_parameters() if "relative_position_bias_table" in n)
         return skip
 
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's parameter grouping (layer-wise lr decay): the stem is layer 0; each block is
+        its own layer (coarse: each stage); a downsample shares the layer of the first block
+        after it and a stage norm that of the last block before it, as in timm's ConvNeXt;
+        conv head and classifier match nothing, so timm numbers them last."""
+        after_prev = (99999,)  # timm's MATCH_PREV_GROUP: merged into the preceding layer
+        if coarse:
+            blocks = [(r"^(?:downsample_layers|stages|stage_norms)\.(\d+)", None),
+                      (r"^stage_end_norm\.", after_prev)]
+        else:
+            blocks = [(r"^downsample_layers\.(\d+)\.", (0,)),
+                      (r"^stages\.(\d+)\.(\d+)\.", None),
+                      (r"^stage_norms\.(\d+)\.", after_prev),
+                      (r"^stage_end_norm\.", after_prev)]
+        return dict(stem=r"^downsample_layers\.0\.", blocks=blocks)
+
     def get_classifier(self) -> nn.Module:
         return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """A new classifier for `num_classes` (0: none, forward_head returns the pooled vector);
+        `global_pool` '' removes the pooling (with num_classes=0), 'avg' restores it."""
+        if self.features_only:
+            raise RuntimeError("reset_classifier: this model was built with features_only=True (no head)")
+        if global_pool is not None:
+            if global_pool == "":
+                if num_classes > 0:
+                    raise ValueError("reset_classifier: global_pool='' (no pooling) needs num_classes=0")
+                self.avg_head = nn.Identity()
+            elif global_pool == "avg":
+                self.avg_head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Identity(), nn.Flatten(1))
+            else:
+                raise ValueError(f"reset_classifier: global_pool {global_pool!r} not supported (use 'avg' or '')")
+        self.num_classes = num_classes
+        ref = next(self.parameters())
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head.apply(_init_weights)
+        self.head.to(device=ref.device, dtype=ref.dtype)
 
     def _run_block(self, blk, x):
         if self.grad_checkpointing and torch.is_grad_enabled():
             return checkpoint(blk, x, use_reentrant=False)
         return blk(x)
 
-    def forward_stages(self, x: torch.Tensor) -> list:
-        """All four stage maps (NCHW, strides 4/8/16/32), each after its stage norm."""
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """timm 1.0's feature getter. Intermediates are the stage maps after their stage norms
+        (on the main path, strides 4/8/16/32); `indices`: last n stages (int), those listed, or
+        all (None). `norm` adds `stage_end_norm` to the last stage's map. Returns the list, or
+        (final map as forward_features gives it, list)."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"forward_intermediates: output_fmt must be 'NCHW', got {output_fmt!r}")
         if x.dim() != 4:
             raise ValueError(f"expected an image batch (B, C, H, W), got shape {tuple(x.shape)}")
+        n = len(self.stages)
+        take, max_index = feature_take_indices(n, indices)
+        last = max_index if stop_early else n - 1
         bt = self.block_type
         extra = bt.extra_inputs(x, **self.forward_kwargs) if hasattr(bt, "extra_inputs") else None
         outs = []
-        for i in range(4):
+        for i in range(last + 1):
             x = self.downsample_layers[i](x)
             if hasattr(bt, "pre_stage_transform"):
                 x = bt.pre_stage_transform(x)
@@ -198,19 +253,48 @@ class MetaArch(nn.Module):
             if extra is not None:
                 x = x[0]
             x = self.stage_norms[i](x)
-            outs.append(x)
-        return outs
+            if i in take:
+                outs.append(self.stage_end_norm(x) if norm and i == n - 1 else x)
+        if intermediates_only:
+            return outs
+        if last == n - 1:
+            x = self.stage_end_norm(x)
+        return x, outs
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """Drop the stages after the last index kept (and the head); returns the absolute indices."""
+        take, max_index = feature_take_indices(len(self.stages), indices)
+        prune_end = max_index < len(self.stages) - 1
+        keep = max_index + 1
+        self.stages = self.stages[:keep]
+        self.downsample_layers = self.downsample_layers[:keep]
+        self.stage_norms = self.stage_norms[:keep]
+        self.feature_info = FeatureInfo(self.feature_info[:keep])
+        if prune_norm or prune_end:
+            self.stage_end_norm = nn.Identity()  # sized for the last stage only
+        if (prune_head or prune_end) and not self.features_only:
+            self.conv_head = nn.Identity()
+            self.num_features = self.head_hidden_size = self.dims[max_index]
+            self.reset_classifier(0, "")
+        return take
+
+    def forward_stages(self, x: torch.Tensor) -> list:
+        """All stage maps (NCHW, strides 4/8/16/32), each after its stage norm."""
+        return self.forward_intermediates(x, intermediates_only=True)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled (B, num_features) features after conv head and global average pooling."""
-        if self.features_only:
-            raise RuntimeError("forward_features needs the conv head; this model was built with features_only=True")
-        x = self.forward_stages(x)[-1]
-        x = self.stage_end_norm(x)
-        x = self.conv_head(x)
-        return self.avg_head(x)
+        """The last stage's map (B, dims[-1], H/32, W/32) after `stage_end_norm`: what the conv
+        head consumes (timm's convention). The original's pooled "forward_features" vector is
+        `forward_head(forward_features(x), pre_logits=True)`."""
+        x, _ = self.forward_intermediates(x, indices=1)
+        return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Conv head, global pooling, then the classifier (`pre_logits`: the pooled vector)."""
+        if self.features_only:
+            raise RuntimeError("forward_head needs the conv head; this model was built with features_only=True")
+        x = self.avg_head(self.conv_head(x))
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor):

@@ -134,9 +134,11 @@ def test_features_only(stm):
     torch.testing.assert_close(outs[0], ref[1]), torch.testing.assert_close(outs[1], ref[3])
     assert feat.head is None and not any(n.startswith(("head", "conv_head")) for n in feat.state_dict())
     with pytest.raises(RuntimeError, match="features_only"):
-        feat.forward_features(x)
+        feat.forward_head(outs[-1])
     full = cls.forward_features(x)
-    assert full.shape == (1, 384)
+    assert full.shape == (1, 256, 4, 6)
+    torch.testing.assert_close(full, ref[3])
+    assert cls.forward_head(full, pre_logits=True).shape == (1, 384)
     torch.testing.assert_close(cls.forward_head(full), cls(x))
 
 
