@@ -1,14 +1,14 @@
-"""Train and val loaders over DALI pipelines, with exact mid-epoch resume (DALI checkpoints:
-reader position, shuffle buffer and the RNG state of every random op, < 10 KB)."""
+"""Train and val loaders over DALI pipelines: train follows the epoch plan through one pipeline
+for the whole run (plan_loader.py, plan_source.py); val reads each rank's slice in order."""
 from __future__ import annotations
 
-import base64
 import warnings
 
 import torch
 
-from stm_dist.data.epoch_plan import epoch_seed, file_order, slice_bounds, train_slice_id, train_steps
-from stm_dist.data.manifest import ShardError, read_manifest, shard_files
+from stm_dist.data.epoch_plan import slice_bounds
+from stm_dist.data.manifest import read_manifest, shard_files
+from stm_dist.data.plan_loader import PlanTrainLoader
 
 
 def _dali_device(device: str) -> tuple[str, int | None]:
@@ -37,125 +37,69 @@ class _quiet_dali_aliases(warnings.catch_warnings):
         return self
 
 
-def _iterator(pipe, policy):
+def _iterator(pipe, policy, reader_name="reader"):
     from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-    return DALIGenericIterator([pipe], ["images", "labels"], reader_name="reader", auto_reset=False,
+    return DALIGenericIterator([pipe], ["images", "labels"], reader_name=reader_name, auto_reset=False,
                                last_batch_policy=getattr(LastBatchPolicy, policy))
 
 
-class DaliTrainLoader:
+class DaliTrainLoader(PlanTrainLoader):
     """See :func:`stm_dist.data.build_train_loader` for the contract.
 
-    Every epoch gets a freshly built pipeline whose inputs are a function of (seed, epoch, rank)
-    only: the shard files in an order drawn from (seed, epoch), slice (rank + epoch) % world_size,
-    reader and augmentation seeds from (seed, epoch, rank). The pipeline is dropped after
-    ``len(self)`` batches, inside DALI's first epoch, so DALI's own epoch transitions (padding,
-    slice rotation, shuffle-buffer refill), which do not line up with drop_last steps when slices
-    differ in size, never come into play. Epoch e is the same whether reached directly, via
-    ``set_epoch`` or via a resume; within an epoch DALI's checkpoint restores the exact stream.
-    Cost: one graph build per epoch (~1 s; 10-40 s with RandAugment on 2 busy cores).
+    One pipeline for the whole run, built at the first batch: an ``external_source`` callback
+    (plan_source.PlanSource) walks this rank's part of the epoch plan from the loader's position
+    through every epoch end, so nothing is rebuilt between epochs and DALI's prefetching runs on
+    into the next epoch. Only a jump to another position (``load_state_dict`` or ``set_epoch``
+    after the pipeline was built) rebuilds it. The pipeline draws no random numbers (the plan
+    hands it each sample's choices), so a position is all a resume needs: no DALI checkpoint.
     """
 
-    def __init__(self, shard_dir, batch_size, *, rank=0, world_size=1, seed=0, img_size=224, device="cpu",
-                 num_threads=2, randaug=True, shuffle_buffer=1024, split="train"):
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
-        man = read_manifest(shard_dir, split)
-        self.tars, self.idxs, _ = shard_files(shard_dir, split, man)
-        self.num_samples, self.num_classes = int(man["num_samples"]), int(man["num_classes"])
-        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
-        self.img_size, self.num_threads, self.randaug, self.shuffle_buffer = img_size, num_threads, randaug, shuffle_buffer
-        self.device = device
-        self._dali_device, self._device_id = _dali_device(device)
-        self.steps = train_steps(self.num_samples, world_size, batch_size)
-        if self.steps == 0:
-            raise ShardError(f"{shard_dir}/{split}.json: {self.num_samples} samples cannot fill one batch of "
-                             f"{batch_size} on each of {world_size} ranks")
-        self.epoch, self.step = 0, 0
+    backend = "dali"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._dali_device, self._device_id = _dali_device(self.device)
         self._it = None
-        self._resume_from = None  # DALI checkpoint (base64) to restore when the pipeline is built
 
-    def __len__(self):
-        return self.steps
+    def describe(self) -> dict:
+        import nvidia.dali
 
-    def set_epoch(self, epoch: int):
-        """Start ``epoch`` from its beginning; a no-op if it is already the current epoch (so a
-        resumed position survives the engine's usual set_epoch call)."""
-        epoch = int(epoch)
-        if epoch != self.epoch:
-            self.epoch, self.step = epoch, 0
-            self._it, self._resume_from = None, None
+        return dict(super().describe(), dali=nvidia.dali.__version__)
+
+    def _reposition(self):
+        self._it = None
 
     def _build(self):
         from stm_dist.data.dali_pipelines import train_pipeline
+        from stm_dist.data.plan_source import PlanSource, TarReader
 
-        e = self.epoch
-        order = file_order(len(self.tars), self.seed, e)
+        source = PlanSource(self.table, self.plan, TarReader(self.table.tars, self.dont_use_mmap), rank=self.rank,
+                            accum=self.accum, micro_batch=self.batch_size, epoch=self.epoch, step=self.step,
+                            micro=self.micro, randaug=self.randaug)
         with _quiet_dali_aliases():
-            pipe = train_pipeline(
-                [self.tars[i] for i in order], [self.idxs[i] for i in order],
-                shard_id=train_slice_id(self.rank, self.world_size, e), num_shards=self.world_size,
-                img_size=self.img_size, device=self._dali_device, randaug=self.randaug,
-                shuffle_buffer=self.shuffle_buffer, reader_seed=epoch_seed(self.seed, e, self.rank, 1),
-                batch_size=self.batch_size, num_threads=self.num_threads, device_id=self._device_id,
-                seed=epoch_seed(self.seed, e, self.rank, 2), enable_checkpointing=True,
-                checkpoint=None if self._resume_from is None else base64.b64decode(self._resume_from),
-            )
+            pipe = train_pipeline(source, img_size=self.img_size, device=self._dali_device, randaug=self.randaug,
+                                  batch_size=self.batch_size, num_threads=self.num_threads,
+                                  device_id=self._device_id, seed=0)
             pipe.build()
-            self._it = _iterator(pipe, "DROP")
-        self._resume_from = None
+            self._it = _iterator(pipe, "FILL", reader_name=None)
 
-    def __iter__(self):
-        from stm_dist.data.dali_pipelines import labels_from_ascii
-
-        if self.step >= self.steps:  # the previous epoch was iterated to its end
-            self.set_epoch(self.epoch + 1)
+    def _fetch(self):
         if self._it is None:
             self._build()
-        while self.step < self.steps:
-            out = next(self._it)[0]
-            self.step += 1
-            images = out["images"]
-            labels = labels_from_ascii(out["labels"])
-            if self.device != "cpu":
-                images = images.to(self.device, non_blocking=True)
-                labels = labels.to(self.device, non_blocking=True)
-            yield images, labels
-
-    def state_dict(self) -> dict:
-        """Position after the last batch handed out; small (the DALI part is < 10 KB)."""
-        mid = 0 < self.step < self.steps
-        if mid and self._it is not None:
-            # base64 text, so the state survives JSON as well as torch.save
-            dali = base64.b64encode(self._it.checkpoints()[0]).decode()
-        else:
-            dali = self._resume_from if mid else None
-        return {
-            "epoch": self.epoch, "step": self.step, "dali": dali,
-            "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
-            "batch_size": self.batch_size, "num_samples": self.num_samples, "backend": "dali",
-        }
-
-    def load_state_dict(self, sd: dict):
-        if sd.get("backend") != "dali":
-            raise ValueError(f"loader state comes from backend {sd.get('backend')!r}, not 'dali'")
-        for k in ("seed", "rank", "world_size", "batch_size", "num_samples"):
-            if sd.get(k) != getattr(self, k):
-                raise ValueError(f"loader state has {k}={sd.get(k)!r}, this loader has {getattr(self, k)!r}")
-        self.epoch, self.step = int(sd["epoch"]), int(sd["step"])
-        self._it = None
-        self._resume_from = sd.get("dali") if 0 < self.step < self.steps else None
-        if 0 < self.step < self.steps and self._resume_from is None:
-            raise ValueError(f"loader state is mid-epoch (epoch {self.epoch} step {self.step}) "
-                             f"but holds no DALI checkpoint")
+        out = next(self._it)[0]
+        images, labels = out["images"], out["labels"]
+        if self.device != "cpu":
+            images = images.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
+        return images, labels
 
 
 class DaliValLoader:
     """See :func:`stm_dist.data.build_val_loader` for the contract."""
 
     def __init__(self, shard_dir, batch_size, *, rank=0, world_size=1, img_size=224, crop_pct=0.875, device="cpu",
-                 num_threads=2, split="val"):
+                 num_threads=2, split="val", dont_use_mmap=False):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
         man = read_manifest(shard_dir, split)
@@ -165,7 +109,7 @@ class DaliValLoader:
         self.num_samples = hi - lo
         self.batch_size, self.rank, self.world_size, self.device = batch_size, rank, world_size, device
         self.img_size, self.resize_size = img_size, int(img_size / crop_pct)
-        self.num_threads = num_threads
+        self.num_threads, self.dont_use_mmap = num_threads, dont_use_mmap
         self._dali_device, self._device_id = _dali_device(device)
         self._it, self._finished = None, False
 
@@ -181,7 +125,7 @@ class DaliValLoader:
             pipe = val_pipeline(self.tars, self.idxs, shard_id=self.rank, num_shards=self.world_size,
                                 img_size=self.img_size, resize_size=self.resize_size, device=self._dali_device,
                                 batch_size=self.batch_size, num_threads=self.num_threads, device_id=self._device_id,
-                                seed=0)
+                                seed=0, dont_use_mmap=self.dont_use_mmap)
             pipe.build()
             self._it = _iterator(pipe, "PARTIAL")
         else:

@@ -1,7 +1,8 @@
-"""The DALI graphs: train (random-resized-crop decode, flip, RandAugment, normalise) and val.
+"""The DALI graphs: train (crop-window decode, resize, RandAugment, flip, normalise) and val.
 
 ``device='gpu'`` decodes with nvJPEG (``mixed``) and keeps the images on the GPU; ``'cpu'``
-runs the very same graph on the CPU. Labels stay as the ``.cls`` bytes (ASCII digits), padded
+runs the very same graph on the CPU. Train labels come from the host (the plan's reader);
+val labels stay as the ``.cls`` bytes (ASCII digits), padded
 to a fixed width so batches stack; :func:`labels_from_ascii` turns them into int64. (Casting in
 DALI would go through floats, which round, and cannot parse variable-length text.)
 """
@@ -16,21 +17,18 @@ LABEL_BYTES = 8  # up to 8 ASCII digits per label
 WARP_FROM = 384  # val: resize shorter side + centre crop below this size, square warp from it
 
 
-def _read(paths, index_paths, *, shard_id, num_shards, shuffle, shuffle_buffer, reader_seed, pad_last_batch, stick):
-    return fn.readers.webdataset(
-        paths=paths,
-        index_paths=index_paths,
-        ext=["jpg", "cls"],
-        missing_component_behavior="error",
-        random_shuffle=shuffle,
-        initial_fill=shuffle_buffer,
-        shard_id=shard_id,
-        num_shards=num_shards,
-        stick_to_shard=stick,
-        pad_last_batch=pad_last_batch,
-        seed=reader_seed,
-        name="reader",
-    )
+# nvJPEG hints for the mixed decoder: buffers sized for ImageNet's largest JPEGs up front (no
+# re-allocation during the first epochs), and the share of images sent to the A100/H100 hardware
+# JPEG decoder (the rest go to the CUDA decoder). CPU decoding ignores them.
+NVJPEG_HINTS = dict(device_memory_padding=211025920, host_memory_padding=140544512, hw_decoder_load=0.65)
+
+
+def _decoder_args(device):
+    # Fancy (smooth) chroma upsampling: libjpeg's default, which the original decoded with (PIL).
+    args = dict(device="mixed" if device == "gpu" else "cpu", output_type=types.RGB, jpeg_fancy_upsampling=True)
+    if device == "gpu":
+        args.update(NVJPEG_HINTS)
+    return args
 
 
 def _labels(cls):
@@ -38,33 +36,38 @@ def _labels(cls):
 
 
 @pipeline_def(enable_conditionals=True)
-def train_pipeline(paths, index_paths, *, shard_id, num_shards, img_size, device, randaug, shuffle_buffer, reader_seed):
-    from stm_dist.data.dali_randaug import rand_augment_timm
+def train_pipeline(source, *, img_size, device, randaug):
+    """One pipeline for the whole run: `source` (plan_source.PlanSource) supplies each sample's
+    bytes, label and random choices; nothing here draws random numbers."""
+    from nvidia.dali.auto_aug.core import signed_bin
 
-    jpg, cls = _read(paths, index_paths, shard_id=shard_id, num_shards=num_shards, shuffle=True,
-                     shuffle_buffer=shuffle_buffer, reader_seed=reader_seed, pad_last_batch=False, stick=True)
-    # Decoding only the random crop window saves most of the decode work on large images.
-    images = fn.decoders.image_random_crop(
-        jpg, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB,
-        random_area=[0.08, 1.0], random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10,
-    )
+    from stm_dist.data.dali_randaug import apply_rand_augment
+
+    dtypes = [types.UINT8, types.INT64, types.FLOAT, types.FLOAT, types.INT32] + [types.INT32] * (3 if randaug else 0)
+    jpg, labels, anchor, shape, flip, *ra = fn.external_source(source=source, num_outputs=len(dtypes), batch=True,
+                                                                parallel=False, dtype=dtypes)
+    # Decoding only the crop window saves most of the decode work on large images.
+    images = fn.decoders.image_slice(jpg, anchor, shape, normalized_anchor=False, normalized_shape=False,
+                                     axis_names="WH", **_decoder_args(device))
     images = fn.resize(images, resize_x=img_size, resize_y=img_size, interp_type=types.INTERP_CUBIC, antialias=True)
     if randaug:
-        images = rand_augment_timm(images, img_size=img_size)
+        ops, bins, signs = ra
+        images = apply_rand_augment(images, ops, signed_bin(bins, random_sign=signs), img_size=img_size)
     # timm flips before RandAugment; flipping after is the same distribution (every geometric op
     # has a random sign) and folds the flip into the normalisation pass.
-    images = fn.crop_mirror_normalize(
-        images, dtype=types.FLOAT, output_layout="CHW", mean=MEAN, std=STD,
-        mirror=fn.random.coin_flip(probability=0.5),
-    )
-    return images, _labels(cls)
+    images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", mean=MEAN, std=STD,
+                                      mirror=flip)
+    return images, labels
 
 
 @pipeline_def
-def val_pipeline(paths, index_paths, *, shard_id, num_shards, img_size, resize_size, device):
-    jpg, cls = _read(paths, index_paths, shard_id=shard_id, num_shards=num_shards, shuffle=False,
-                     shuffle_buffer=1, reader_seed=0, pad_last_batch=True, stick=True)
-    images = fn.decoders.image(jpg, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
+def val_pipeline(paths, index_paths, *, shard_id, num_shards, img_size, resize_size, device, dont_use_mmap=False):
+    jpg, cls = fn.readers.webdataset(
+        paths=paths, index_paths=index_paths, ext=["jpg", "cls"], missing_component_behavior="error",
+        random_shuffle=False, shard_id=shard_id, num_shards=num_shards, stick_to_shard=True, pad_last_batch=True,
+        dont_use_mmap=dont_use_mmap, name="reader",
+    )
+    images = fn.decoders.image(jpg, **_decoder_args(device))
     if img_size >= WARP_FROM:
         # The original (timm's eval transform) warps to a square from 384 px up: no crop.
         images = fn.resize(images, resize_x=img_size, resize_y=img_size, interp_type=types.INTERP_CUBIC,

@@ -22,12 +22,10 @@ rounding and a 1-pixel border for sharpness.
 from __future__ import annotations
 
 from nvidia.dali import fn, types
-from nvidia.dali import math as dmath
 from nvidia.dali.auto_aug import augmentations as A
-from nvidia.dali.auto_aug.core import select, signed_bin
+from nvidia.dali.auto_aug.core import select
 
 NUM_BINS = 41  # bins over timm's magnitude scale [0, 10], 0.25 apart
-LEVEL_MAX = 10.0
 
 
 def timm_increasing_suite():
@@ -52,28 +50,24 @@ def timm_increasing_suite():
     ]
 
 
-def rand_augment_timm(images, *, img_size: int, n: int = 2, magnitude: float = 9.0, magnitude_std: float = 0.5,
-                      prob: float = 0.5, seed: int | None = None, interp_type=types.INTERP_LINEAR):
-    """Apply the policy to a batch of uint8 HWC images of side ``img_size`` (needs conditionals)."""
+def apply_rand_augment(images, ops, signed_bins, *, img_size: int, n: int = 2, interp_type=types.INTERP_LINEAR):
+    """Apply the policy to a batch of uint8 HWC images of side ``img_size`` (needs conditionals).
+
+    ``ops``: (n,) int32 per sample, the op of each of the n levels, identity (15) for a skipped op;
+    ``signed_bins``: ``signed_bin(bins, random_sign=signs)`` of (n,) magnitude bins and signs. Both
+    are drawn on the host per sample (epoch_plan.sample_augment): timm's gauss(9, 0.5) magnitude
+    per op clipped to [0, 10], prob 0.5 per op, a random sign for the signed ops."""
     suite = timm_increasing_suite()
-    identity = len(suite) - 1
-    scale = (NUM_BINS - 1) / LEVEL_MAX
-    kw = {} if seed is None else {"seed": seed}
-    mag = fn.random.normal(mean=magnitude * scale, stddev=magnitude_std * scale, shape=(n,), **kw)
-    bins = fn.cast(dmath.clamp(mag, 0.0, float(NUM_BINS - 1)), dtype=types.INT32)  # cast rounds
-    signed = signed_bin(bins, seed=seed, shape=(n,))
-    op = fn.random.uniform(values=list(range(identity)), shape=(n,), dtype=types.INT32, **kw)
-    apply = fn.cast(fn.random.coin_flip(probability=prob, shape=(n,), **kw), dtype=types.INT32)
-    chosen = op * apply + identity * (1 - apply)
     for level in range(n):
         images = select(
             suite,
-            chosen[level],
+            ops[level],
             images,
-            magnitude_bin=signed[level],
+            magnitude_bin=signed_bins[level],
             num_magnitude_bins=NUM_BINS,
             shape=(img_size, img_size),
             fill_value=128,
             interp_type=interp_type,
         )
     return images
+

@@ -6,9 +6,10 @@ PIL pipeline (RandomResizedCrop bicubic, flip, RandAugment rand-m9-mstd0.5-inc1,
 val: resize to img_size/crop_pct, centre crop). Random erasing and mixup are batch-level
 (``BatchAugment``), as with DALI.
 
-Order and randomness: epoch e draws a permutation of all samples from (seed, e), rank r takes
-slice r of it and runs ``(N // world) // batch`` steps. Every sample's augmentation is seeded from
-(seed, epoch, sample), so output does not depend on worker count, and resume = skip to the step.
+Order and randomness: the epoch plan (epoch_plan.py), the same samples in the same micro-batches as
+DALI, through one DataLoader for the whole run (its sampler runs on across epoch ends, so its
+workers start once). Every sample's augmentation is seeded from (seed, epoch, sample), so output
+does not depend on worker count, rank or micro-batch, and resume = start the sampler there.
 """
 from __future__ import annotations
 
@@ -20,48 +21,29 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from stm_dist.data.epoch_plan import epoch_seed, slice_bounds, train_steps
-from stm_dist.data.manifest import ShardError, read_manifest, shard_files
+from stm_dist.data.epoch_plan import SampleTable, epoch_seed, slice_bounds
+from stm_dist.data.manifest import read_manifest, shard_files
+from stm_dist.data.plan_loader import PlanTrainLoader
+from stm_dist.data.plan_source import TarReader
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
 
-def _index_entries(tars, idxs):
-    """[(file number, jpg offset, jpg size, cls offset, cls size)] over all shards, in order."""
-    out = []
-    for f, (tar, idx) in enumerate(zip(tars, idxs)):
-        with open(idx) as fh:
-            lines = fh.read().splitlines()
-        for n, line in enumerate(lines[1:], 2):
-            parts = line.split()
-            members = {parts[j]: (int(parts[j + 1]), int(parts[j + 2])) for j in range(0, len(parts), 4)}
-            if "jpg" not in members or "cls" not in members:
-                raise ShardError(f"{idx}:{n}: sample lacks a jpg or cls member")
-            out.append((f, *members["jpg"], *members["cls"]))
-    return out
-
-
 class _ShardSamples(torch.utils.data.Dataset):
-    def __init__(self, tars, entries, transform):
-        self.tars, self.entries, self.transform = tars, entries, transform
-        self._files = {}  # opened lazily, per worker process
+    def __init__(self, table, transform, dont_use_mmap=False):
+        self.table, self.transform = table, transform
+        self.reader = TarReader(table.tars, dont_use_mmap)
 
     def __len__(self):
-        return len(self.entries)
-
-    def _read(self, f, off, size):
-        fh = self._files.get(f)
-        if fh is None:
-            fh = self._files[f] = open(self.tars[f], "rb")
-        fh.seek(off)
-        return fh.read(size)
+        return len(self.table)
 
     def __getitem__(self, item):
         i, sample_seed = item
-        f, joff, jsize, coff, csize = self.entries[i]
-        label = int(self._read(f, coff, csize).decode("ascii").strip())
-        with Image.open(io.BytesIO(self._read(f, joff, jsize))) as im:
+        t = self.table
+        f = int(t.file[i])
+        label = self.reader.label(f, int(t.cls_off[i]), int(t.cls_size[i]))
+        with Image.open(io.BytesIO(self.reader.read(f, int(t.jpg_off[i]), int(t.jpg_size[i])).tobytes())) as im:
             img = ImageOps.exif_transpose(im).convert("RGB")
         if sample_seed is None:
             return self.transform(img), label
@@ -98,67 +80,53 @@ def _clamp_posterize(transform):
                     op.aug_fn = _posterize_min1
 
 
-def _loader(dataset, items, batch_size, num_threads, drop_last):
+def _loader(dataset, items, batch_size, num_threads, drop_last, persistent=False):
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=items, num_workers=max(0, num_threads),
-                                       drop_last=drop_last, persistent_workers=False)
+                                       drop_last=drop_last, persistent_workers=persistent and num_threads > 0)
 
 
-class PilTrainLoader:
-    def __init__(self, shard_dir, batch_size, *, rank=0, world_size=1, seed=0, img_size=224, device="cpu",
-                 num_threads=2, randaug=True, split="train", **_ignored):
-        from timm.data import create_transform
+class _PlanSampler:
+    """This rank's (sample, augmentation seed) stream through the plan from a position, across
+    epoch ends (never exhausted: the loader counts what it hands out)."""
 
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
-        man = read_manifest(shard_dir, split)
-        tars, idxs, _ = shard_files(shard_dir, split, man)
-        self.num_samples, self.num_classes = int(man["num_samples"]), int(man["num_classes"])
-        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
-        self.device, self.num_threads = device, num_threads
-        self.steps = train_steps(self.num_samples, world_size, batch_size)
-        if self.steps == 0:
-            raise ShardError(f"{shard_dir}/{split}.json: {self.num_samples} samples cannot fill one batch of "
-                             f"{batch_size} on each of {world_size} ranks")
-        tf = create_transform(img_size, is_training=True, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5,
-                              auto_augment="rand-m9-mstd0.5-inc1" if randaug else None,
-                              color_jitter=None, interpolation="bicubic", re_prob=0.0, mean=MEAN, std=STD)
-        _clamp_posterize(tf)
-        self.dataset = _ShardSamples(tars, _index_entries(tars, idxs), tf)
-        self.epoch, self.step = 0, 0
-
-    def __len__(self):
-        return self.steps
-
-    def set_epoch(self, epoch: int):
-        if int(epoch) != self.epoch:
-            self.epoch, self.step = int(epoch), 0
-
-    def _items(self):
-        perm = np.random.default_rng(np.random.SeedSequence([self.seed & 0xFFFFFFFF, self.epoch, 0xB17])).permutation(
-            self.num_samples)
-        lo, _ = slice_bounds(self.num_samples, self.rank, self.world_size)
-        mine = perm[lo : lo + self.steps * self.batch_size]
-        return [(int(i), epoch_seed(self.seed, self.epoch, int(i), 3)) for i in mine[self.step * self.batch_size :]]
+    def __init__(self, loader, epoch, step, micro):
+        self.ld, self.start = loader, (epoch, step, micro)
 
     def __iter__(self):
-        if self.step >= self.steps:
-            self.epoch, self.step = self.epoch + 1, 0
-        for images, labels in _loader(self.dataset, self._items(), self.batch_size, self.num_threads, True):
-            self.step += 1
-            yield images.to(self.device), labels.to(self.device, torch.int64)
+        ld = self.ld
+        epoch, step, micro = self.start
+        while True:
+            while step < ld.steps:
+                for j in range(micro, ld.accum):
+                    for i in ld.micro_indices(epoch, step, j):
+                        yield int(i), epoch_seed(ld.seed, epoch, int(i), 3)
+                step, micro = step + 1, 0
+            epoch, step = epoch + 1, 0
 
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "rank": self.rank,
-                "world_size": self.world_size, "batch_size": self.batch_size, "num_samples": self.num_samples,
-                "backend": "pil"}
 
-    def load_state_dict(self, sd: dict):
-        if sd.get("backend") != "pil":
-            raise ValueError(f"loader state comes from backend {sd.get('backend')!r}, not 'pil'")
-        for k in ("seed", "rank", "world_size", "batch_size", "num_samples"):
-            if sd.get(k) != getattr(self, k):
-                raise ValueError(f"loader state has {k}={sd.get(k)!r}, this loader has {getattr(self, k)!r}")
-        self.epoch, self.step = int(sd["epoch"]), int(sd["step"])
+class PilTrainLoader(PlanTrainLoader):
+    backend = "pil"
+
+    def __init__(self, *args, **kwargs):
+        from timm.data import create_transform
+
+        super().__init__(*args, **kwargs)
+        tf = create_transform(self.img_size, is_training=True, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5,
+                              auto_augment="rand-m9-mstd0.5-inc1" if self.randaug else None,
+                              color_jitter=None, interpolation="bicubic", re_prob=0.0, mean=MEAN, std=STD)
+        _clamp_posterize(tf)
+        self.dataset = _ShardSamples(self.table, tf, self.dont_use_mmap)
+        self._it = None
+
+    def _reposition(self):
+        self._it = None
+
+    def _fetch(self):
+        if self._it is None:
+            sampler = _PlanSampler(self, self.epoch, self.step, self.micro)
+            self._it = iter(_loader(self.dataset, sampler, self.batch_size, self.num_threads, True, persistent=True))
+        images, labels = next(self._it)
+        return images.to(self.device), labels.to(self.device, torch.int64)
 
 
 def val_transform(img_size: int, crop_pct: float):
@@ -174,7 +142,7 @@ def val_transform(img_size: int, crop_pct: float):
 
 class PilValLoader:
     def __init__(self, shard_dir, batch_size, *, rank=0, world_size=1, img_size=224, crop_pct=0.875, device="cpu",
-                 num_threads=2, split="val"):
+                 num_threads=2, split="val", dont_use_mmap=False):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
         man = read_manifest(shard_dir, split)
@@ -183,7 +151,7 @@ class PilValLoader:
         self.lo, self.hi = slice_bounds(int(man["num_samples"]), rank, world_size)
         self.num_samples = self.hi - self.lo
         self.batch_size, self.device, self.num_threads = batch_size, device, num_threads
-        self.dataset = _ShardSamples(tars, _index_entries(tars, idxs), val_transform(img_size, crop_pct))
+        self.dataset = _ShardSamples(SampleTable(tars, idxs), val_transform(img_size, crop_pct), dont_use_mmap)
 
     def __len__(self):
         return -(-self.num_samples // self.batch_size)

@@ -42,6 +42,10 @@ class DataConfig:
     crop_pct: float = 0.875
     randaug: bool = True
     eval_batch: int = 256
+    # Read the tars with plain reads, not mmap (network file systems, where mapping is slow).
+    dont_use_mmap: bool = False
+    # Each rank appends the sample keys of its micro-batches to <run_dir>/sample_keys_rank<r>.jsonl.
+    record_keys: bool = False
 
 
 @dataclass

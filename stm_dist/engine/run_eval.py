@@ -33,7 +33,7 @@ def evaluate_run(cfg, module, zero_stage: int, ema, rank: int, world: int, devic
         loader = build_val_loader(cfg.data.val_shards, cfg.data.eval_batch, rank=rank, world_size=world,
                                   img_size=cfg.model.img_size, crop_pct=cfg.data.crop_pct,
                                   device="cuda" if on_cuda else "cpu", num_threads=cfg.data.num_threads,
-                                  backend=cfg.data.backend)
+                                  backend=cfg.data.backend, dont_use_mmap=cfg.data.dont_use_mmap)
         r = evaluate(model, loader, device, expected_samples=expected)
         results.update({f"top1{suffix}": r["top1"], f"top5{suffix}": r["top5"], f"loss{suffix}": r["loss"]})
     return results

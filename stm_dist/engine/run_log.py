@@ -57,7 +57,7 @@ class RunLog:
         self._jsonl.write(json.dumps(record) + "\n")
         step = record["step"]
         if self.tb:
-            for k in ("loss", "lr", "weight_decay", "grad_norm", "img_s", "mem_gb"):
+            for k in ("loss", "lr", "weight_decay", "grad_norm", "img_s", "mem_gb", "data_s"):
                 if record.get(k) is not None:
                     self.tb.add_scalar(f"train/{k}", record[k], step)
         if self.bar is not None:

@@ -24,6 +24,7 @@ class StepMeter:
         self._micro = 0
         self.pending: list[dict] = []
         self._t0 = time.perf_counter()
+        self.last_data_share = 0.0
 
     def add_micro(self, loss: torch.Tensor):
         i = len(self.pending)
@@ -54,14 +55,18 @@ class StepMeter:
         now = time.time()
         for i, info in enumerate(self.pending):
             micro_total = info.pop("micro_steps") * self.world
-            rec = dict(info, loss=host[i] / micro_total, time=now)
+            rec = dict(info, loss=host[i] / micro_total)
+            rec.setdefault("time", now)  # the trainer stamps each step's end; this is the fallback
             if host[n + i] and first_bad is None:
                 first_bad = rec["step"]
             records.append(rec)
         if records:
             per_step = dt / n
+            data = sum(rec.get("data_s", 0.0) for rec in records)
             for rec in records:
                 rec["img_s"] = rec.pop("batch") / per_step
+            # Share of the interval's wall time spent waiting for input (host side).
+            self.last_data_share = data / dt if dt > 0 else 0.0
         self.pending = []
         self._loss.zero_()
         self._bad.zero_()

@@ -27,6 +27,9 @@ from .step_meter import StepMeter
 from .train_state import TrainState, seed_all
 
 
+INPUT_BOUND = 0.2  # share of a log interval spent in feed.next_step() above which the log says so
+
+
 class NonFiniteLoss(RuntimeError):
     pass
 
@@ -59,7 +62,7 @@ class Trainer:
         self.total_steps = self.sched.total_steps
         if cfg.schedule.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.schedule.max_steps)
-        self.feed = DataFeed(cfg, self.rank, self.accum, "cuda" if on_cuda else "cpu")
+        self.feed = DataFeed(cfg, self.rank, self.accum, "cuda" if on_cuda else "cpu", self.run_dir)
 
         seed_all(t.seed)  # identical initial weights on every rank
         channels_last = on_cuda if t.channels_last is None else t.channels_last
@@ -123,7 +126,10 @@ class Trainer:
     # ---------------------------------------------------------------- the loop
     def _one_step(self):
         lr = self.sched.apply(self.optimizer.param_groups, self.step)
-        for j, (images, labels) in enumerate(self.feed.next_step()):
+        t0 = time.perf_counter()  # host time only: no device sync on the hot path
+        micro_batches = self.feed.next_step()
+        data_s = time.perf_counter() - t0
+        for j, (images, labels) in enumerate(micro_batches):
             images, targets = self.batch_aug(images, labels)
             loss = self.runner.micro_step(images, targets, first=j == 0, last=j == self.accum - 1)
             self.meter.add_micro(loss)
@@ -133,7 +139,7 @@ class Trainer:
             self.ema.update()
         self.meter.end_step({"kind": "train", "step": self.step, "epoch": self.epoch, "lr": lr,
                              "weight_decay": float(self.sched.wd[self.step - 1]),
-                             "batch": self.cfg.train.global_batch})
+                             "batch": self.cfg.train.global_batch, "data_s": data_s, "time": time.time()})
 
     def _flush(self) -> bool:
         """Collective, every log_every steps: write the pending step records; True = stop now
@@ -157,8 +163,14 @@ class Trainer:
             raise NonFiniteLoss(f"non-finite loss at step {first_bad} (epoch {self.epoch}); the optimizer "
                                 f"skipped the non-finite update(s), stopping at step {self.step}")
         eta = (time.time() - self._t_start) / max(1, self.step - self._first_step) * (self.total_steps - self.step)
+        share = self.meter.last_data_share
+        # The first step of a start includes building the input pipeline: not a sign of a slow input.
+        bound = (f"; input-bound: {100 * share:.0f}% of the step time waited for data (more data.num_threads, "
+                 f"backend dali, device decoding or faster storage would help)"
+                 if share > INPUT_BOUND and records[0]["step"] > self._first_step + 1 else "")
         self.log.info(f"epoch {self.epoch} step {self.step}/{self.total_steps} loss {last['loss']:.4f} "
-                      f"lr {last['lr']:.3e} {last['img_s']:.0f} img/s ETA {eta / 60:.1f} min")
+                      f"lr {last['lr']:.3e} {last['img_s']:.0f} img/s data {100 * share:.0f}% "
+                      f"ETA {eta / 60:.1f} min{bound}")
         return stop
 
     def train(self) -> int:

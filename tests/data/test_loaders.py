@@ -1,4 +1,5 @@
-"""The DALI CPU pipelines (and the PIL reader) on real shards: exact-once, epochs, seeds, resume."""
+"""The DALI CPU pipelines (and the PIL reader) on real shards: exact-once, epochs, seeds, resume,
+one pipeline for the run, augmentation a function of the sample."""
 import json
 import warnings
 
@@ -48,6 +49,58 @@ def test_train_exact_once_epochs_and_seeds(unique_shards, backend):
     assert _epoch_labels(other, 0) != e0
 
 
+@pytest.mark.parametrize("backend", ["dali", "pil"])
+def test_one_stream_for_the_run_same_plan_both_backends(unique_shards, backend):
+    # 2 ranks x 4 x accumulation 2 = global batch 16: one step per epoch of the 24 samples.
+    loaders = [build_train_loader(unique_shards, 4, rank=r, world_size=2, accum=2, seed=9, img_size=32,
+                                  randaug=False, backend=backend, num_threads=_threads(backend)) for r in range(2)]
+    streams = []
+    for L in loaders:
+        got = []
+        for epoch in range(3):
+            L.set_epoch(epoch)
+            steps = [L.next_step()]
+            assert L.last_step == (epoch, 0) and len(steps[0]) == 2
+            if epoch == 0:
+                stream = L._it
+            got += [y.tolist() for step in steps for _, y in step]
+            assert [L.table.keys([i])[0] for j in range(2) for i in L.micro_indices(epoch, 0, j)] == sum(
+                L.keys(epoch, 0), [])
+        assert L._it is stream  # no rebuild (DALI) or restart (PIL workers) at epoch ends
+        streams.append(got)
+    from stm_dist.data.plan_source import TarReader
+
+    t = loaders[0].table
+    reader = TarReader(t.tars, dont_use_mmap=True)
+    for epoch in range(3):  # each global batch: the plan's first 16 samples, micro-batches in order
+        labels = sum(streams[0][2 * epoch : 2 * epoch + 2] + streams[1][2 * epoch : 2 * epoch + 2], [])
+        order = loaders[0].plan.order(epoch)[:16]
+        assert labels == [reader.label(int(t.file[i]), int(t.cls_off[i]), int(t.cls_size[i])) for i in order]
+        assert len(set(labels)) == 16
+    if backend == "dali":
+        pil = [build_train_loader(unique_shards, 4, rank=r, world_size=2, accum=2, seed=9, img_size=32,
+                                  randaug=False, backend="pil", num_threads=0) for r in range(2)]
+        for L, want in zip(pil, streams):
+            got = []
+            for epoch in range(3):
+                got += [y.tolist() for _, y in L.next_step()]
+            assert got == want  # the PIL reader follows the very same plan
+
+
+def test_randaug_pixels_are_a_function_of_the_sample(unique_shards):
+    # The same global batches of 8 read as 1 x 8 or as 4 x accumulation 2: identical pixels,
+    # RandAugment included (its choices come from (seed, epoch, sample), not the pipeline).
+    kw = dict(seed=2, img_size=32, randaug=True, num_threads=1)
+    whole = build_train_loader(unique_shards, 8, **kw)
+    halves = build_train_loader(unique_shards, 4, accum=2, **kw)
+    a = [x for _ in range(4) for x, _ in whole.next_step()]  # 3 steps of epoch 0, 1 of epoch 1
+    b = [torch.cat([x for x, _ in halves.next_step()]) for _ in range(4)]
+    for s, (x, y) in enumerate(zip(a, b)):
+        assert torch.equal(x, y), s
+    plain = build_train_loader(unique_shards, 8, **dict(kw, randaug=False))
+    assert not torch.equal(plain.next_step()[0][0], a[0])  # RandAugment did change the pixels
+
+
 def test_digits_labels_and_drop_last(digits_shards):
     man = read_manifest(digits_shards, "train")
     loaders = [build_train_loader(digits_shards, 32, rank=r, world_size=2, seed=0, img_size=32, randaug=False,
@@ -74,7 +127,7 @@ def test_mid_epoch_resume_identical(digits_shards, backend):
     L.set_epoch(0)
     _take(iter(L), 5)
     sd = json.loads(json.dumps(L.state_dict()))  # must survive a round trip through a checkpoint
-    assert sd["epoch"] == 0 and sd["step"] == 5
+    assert sd["epoch"] == 0 and sd["samples"] == 5 * 32
     want = _take(iter(L), 4)
     R = build_train_loader(digits_shards, 16, **kw)
     R.load_state_dict(sd)
@@ -144,7 +197,7 @@ def test_missing_or_unfinished_split_named(tmp_path, unique_shards):
         build_val_loader(tmp_path, 4)
     with pytest.raises(ValueError, match="backend"):
         build_train_loader(unique_shards, 4, backend="torchvision")
-    with pytest.raises(ShardError, match="cannot fill one batch"):
+    with pytest.raises(ShardError, match="cannot fill one global batch of 32"):
         build_train_loader(unique_shards, 16, world_size=2, randaug=False)
 
 
