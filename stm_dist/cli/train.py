@@ -38,6 +38,9 @@ def main(argv=None) -> int:
     try:
         cfg = load(args.config, list(args.overrides) + extra)
         check_model_name(cfg)
+        from stm_dist.engine import ds_setup
+
+        ds_setup.check(cfg)  # the DeepSpeed JSON's mistakes, before any process group starts
     except ConfigError as e:
         print(f"stm-train: config error: {e}", file=sys.stderr)
         return 2

@@ -2,7 +2,9 @@
 
 The JSON chooses ZeRO stage and precision; everything the recipe owns (batch sizes, gradient
 accumulation, clipping, optimizer hyper-parameters) is written here from the experiment config,
-so the two can never disagree. Values for those keys already in the JSON are an error.
+so the two can never disagree. Values for those keys already in the JSON are an error, and so
+are a `scheduler` section (the schedule is ours, per iteration) and `data_types` values that
+would change the precision design; `data_types` values that agree with it are passed on.
 Precision is ours (engine/precision.py): DeepSpeed runs in fp32 mode unless `pure_bf16`.
 """
 from __future__ import annotations
@@ -58,13 +60,73 @@ class Built:
     own_optimizer: bool
 
 
-def build(cfg, world_size: int, accelerator: str, load_universal: bool = False) -> Built:
+# data_types values that cannot fight the precision design (engine/precision.py), per mode:
+# the fp32/bf16/fp16 modes keep an fp32 module (master weights, gradients, their reduction,
+# BatchNorm statistics); pure_bf16 is DeepSpeed's bf16 mode, whose buffers must be bf16 too.
+_DATA_TYPES = {
+    "grad_accum_dtype": {"pure_bf16": ("bf16", "fp32"), "*": ("fp32",)},
+    "param_dtype": {"pure_bf16": ("bf16",), "*": ("fp32",)},
+    "buffer_dtype": {"pure_bf16": ("bf16",), "*": ("fp32",)},
+}
+_WHY_FP32 = ("the {mode} mode keeps DeepSpeed's module in fp32 (master weights, gradient accumulation and "
+             "all-reduce, BatchNorm statistics) and runs only the forward under autocast (engine/precision.py)")
+
+
+def _check_sections(ds: dict, path: str):
+    """Refuse a DeepSpeed `scheduler`, and `data_types` values that would fight our precision."""
+    if "scheduler" in ds:
+        kind = (ds["scheduler"] or {}).get("type") if isinstance(ds["scheduler"], dict) else ds["scheduler"]
+        raise ConfigError(
+            f"'deepspeed.config' {path}: remove 'scheduler' (type {kind!r}): stm-train sets the learning rate and "
+            f"weight decay itself at every iteration (engine/schedule.py) from optim.lr, optim.min_lr, "
+            f"optim.warmup_init_lr, optim.weight_decay(_end), schedule.epochs and schedule.warmup_epochs/"
+            f"warmup_steps; a DeepSpeed scheduler would overwrite that schedule at every step")
+    types = ds.get("data_types")
+    if types is None:
+        return
+    if not isinstance(types, dict):
+        raise ConfigError(f"'deepspeed.config' {path}: 'data_types' must be an object, got {types!r}")
+    mode = precision_name(ds)
+    for key, value in types.items():
+        if key == "keep_in_fp32_modules":
+            continue  # names buffers DeepSpeed's bf16/fp16 cast keeps in fp32: never less precision
+        if key not in _DATA_TYPES:
+            raise ConfigError(f"'deepspeed.config' {path}: unknown key 'data_types.{key}' (allowed: "
+                              f"{', '.join(sorted(_DATA_TYPES))}, keep_in_fp32_modules)")
+        allowed = _DATA_TYPES[key].get(mode, _DATA_TYPES[key]["*"])
+        if value not in allowed:
+            why = (_WHY_FP32.format(mode=mode) if mode != "pure_bf16" else
+                   "pure_bf16 is DeepSpeed's bf16 mode: parameters and buffers (BatchNorm) are bf16")
+            raise ConfigError(f"'deepspeed.config' {path}: 'data_types.{key}' is {value!r}; with "
+                              f"mixed_precision.dtype {mode!r} it may only be {' or '.join(map(repr, allowed))} "
+                              f"({why}); remove it or choose another mixed_precision.dtype")
+
+
+def check(cfg):
+    """The DeepSpeed JSON's errors, before any process group starts (no engine is built)."""
     path = cfg.deepspeed.config
     ds = load_json(path)
+    _check_owned(ds, path)
+    _check_sections(ds, path)
+    import warnings
+
+    with warnings.catch_warnings():  # the pure_bf16 warning is given once, by build()
+        warnings.simplefilter("ignore")
+        precision_mod.parse(ds, path)
+
+
+def _check_owned(ds: dict, path: str):
     for key in _OWNED:
         if key in ds:
             raise ConfigError(f"'deepspeed.config' {path}: remove '{key}'; it comes from the experiment "
                               f"config (train.global_batch / train.micro_batch / optim.clip_grad)")
+
+
+def build(cfg, world_size: int, accelerator: str, load_universal: bool = False) -> Built:
+    path = cfg.deepspeed.config
+    ds = load_json(path)
+    _check_owned(ds, path)
+    _check_sections(ds, path)
     prec = precision_mod.parse(ds, path)
     stage = zero_stage(ds)
     t, o = cfg.train, cfg.optim
