@@ -10,15 +10,15 @@ set size: nothing is padded or dropped).
 """
 from __future__ import annotations
 
-import io
 import os
 import sys
 
 import torch
-from PIL import Image, ImageOps
 
+from stm_dist.data.epoch_plan import SampleTable
 from stm_dist.data.manifest import read_manifest, shard_files
-from stm_dist.data.pil_reader import MEAN, STD, _index_entries, _ShardSamples
+from stm_dist.data.pil_reader import MEAN, STD, read_sample
+from stm_dist.data.plan_source import TarReader
 
 from .options import AnalysisError
 
@@ -60,14 +60,17 @@ class Normalized(torch.nn.Module):
         return self.model((x - self.mean) / self.std)
 
 
-class _IndexedSamples(_ShardSamples):
+class _IndexedSamples(torch.utils.data.Dataset):
     """(index, transform(image, index), label) for validation image `index` of the shards."""
 
+    def __init__(self, table: SampleTable, transform):
+        self.table, self.transform, self.reader = table, transform, TarReader(table.tars)
+
+    def __len__(self):
+        return len(self.table)
+
     def __getitem__(self, i):
-        f, joff, jsize, coff, csize = self.entries[i]
-        label = int(self._read(f, coff, csize).decode("ascii").strip())
-        with Image.open(io.BytesIO(self._read(f, joff, jsize))) as im:
-            img = ImageOps.exif_transpose(im).convert("RGB")
+        img, label = read_sample(self.reader, self.table, i)
         return i, self.transform(img, i), label
 
 
@@ -90,7 +93,7 @@ class ValImages:
         self.num_batches = -(-self.num_images // batch)
         self.my_batches = list(range(rank, self.num_batches, world))
         self.my_images = sum(min(batch, self.num_images - b * batch) for b in self.my_batches)
-        self.dataset = _IndexedSamples(tars, _index_entries(tars, idxs), transform)
+        self.dataset = _IndexedSamples(SampleTable(tars, idxs), transform)
         self.num_workers = max(0, min(num_workers, os.cpu_count() or 1))
 
     def __len__(self):

@@ -30,6 +30,14 @@ MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
 
+def read_sample(reader: TarReader, table: SampleTable, i: int) -> tuple[Image.Image, int]:
+    """Sample ``i`` of ``table`` as (RGB PIL image, label), EXIF orientation applied."""
+    f = int(table.file[i])
+    label = reader.label(f, int(table.cls_off[i]), int(table.cls_size[i]))
+    with Image.open(io.BytesIO(reader.read(f, int(table.jpg_off[i]), int(table.jpg_size[i])).tobytes())) as im:
+        return ImageOps.exif_transpose(im).convert("RGB"), label
+
+
 class _ShardSamples(torch.utils.data.Dataset):
     def __init__(self, table, transform, dont_use_mmap=False):
         self.table, self.transform = table, transform
@@ -40,11 +48,7 @@ class _ShardSamples(torch.utils.data.Dataset):
 
     def __getitem__(self, item):
         i, sample_seed = item
-        t = self.table
-        f = int(t.file[i])
-        label = self.reader.label(f, int(t.cls_off[i]), int(t.cls_size[i]))
-        with Image.open(io.BytesIO(self.reader.read(f, int(t.jpg_off[i]), int(t.jpg_size[i])).tobytes())) as im:
-            img = ImageOps.exif_transpose(im).convert("RGB")
+        img, label = read_sample(self.reader, self.table, i)
         if sample_seed is None:
             return self.transform(img), label
         # timm's transforms draw from python's, numpy's and torch's global generators: seed them
