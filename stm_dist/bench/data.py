@@ -2,9 +2,9 @@
 
 Both read the same shards with the same number of CPU threads (DALI threads = DataLoader
 workers), both run the full recipe (train: random-resized-crop, flip, RandAugment m9/mstd0.5,
-normalise; val: resize, centre crop, normalise). Per-epoch start-up (DALI builds a pipeline per
-epoch, tracing RandAugment takes ~10-40 s; PIL forks its workers) is reported apart, summed
-over epochs, and not counted in the rate.
+normalise; val: resize, centre crop, normalise). The one-off build (DALI traces its graph, ~10 s
+with RandAugment; PIL forks its workers) and each later epoch's start-up (the extra wait of its
+first batch; ~0 with one pipeline for the run) are reported apart and not counted in the rate.
 Without --shards, a set is written from the real photos bundled with scikit-image and
 scikit-learn at their native sizes (300-1000 px, ImageNet-like), repeated to --count samples.
 """
@@ -28,6 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="DALI threads = PIL DataLoader workers")
     p.add_argument("--seconds", type=float, default=20.0, help="timed seconds per case (at least one epoch)")
     p.add_argument("--no-randaug", action="store_true")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: DALI decodes on the GPU (nvJPEG), PIL batches are copied to it")
+    p.add_argument("--repeats", type=int, default=2, help="interleaved runs of every case; medians are reported")
     p.add_argument("--json", help="also write the results here")
     return p
 
@@ -59,32 +62,66 @@ def write_photo_source(root: str, count: int) -> None:
 
 
 def _cpu_seconds() -> float:
-    # This process's threads (DALI) plus reaped children (DataLoader workers exit, and are
-    # reaped, at the end of each epoch).
+    """CPU time of this process tree: its threads (DALI), its live children (DataLoader workers,
+    persistent for the run) and the children already reaped."""
+    import psutil
+
     t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
+    total = t.user + t.system + t.children_user + t.children_system
+    for child in psutil.Process().children(recursive=True):
+        try:
+            c = child.cpu_times()
+            total += c.user + c.system
+        except psutil.NoSuchProcess:  # exited (and reaped: counted above) meanwhile
+            pass
+    return total
 
 
-def _rate(make, seconds: float) -> dict:
-    """Whole epochs until ``seconds`` of steady state have been timed. Each epoch's first batch
-    (DALI builds a pipeline per epoch, PIL starts its workers) is reported as start-up, apart:
-    with ImageNet-sized epochs it is noise, with this small set it would dominate."""
+def _rate(make, seconds: float, sync) -> dict:
+    """Whole epochs until ``seconds`` of steady state (and at least 2 epochs) have been timed.
+
+    ``build_s``: from building the loader to its first batch (DALI traces and builds its graph,
+    PIL forks its workers), once per run, not counted in the rate. ``epoch_startup_s``: how much
+    longer the first batch of each later epoch took than a steady batch (median over epochs):
+    what every epoch costs on top of its images."""
+    t0 = time.perf_counter()
     loader = make()
-    images, timed, cpu, startup, epochs = 0, 0.0, 0.0, 0.0, 0
-    while timed < seconds or not images:
-        t0 = time.perf_counter()
-        start = cpu0 = None
+    build = None
+    images, timed, cpu, epochs = 0, 0.0, 0.0, 0
+    firsts, steady = [], []
+    while timed < seconds or epochs < 2:
+        start, cpu0 = time.perf_counter(), _cpu_seconds()
+        last, n = start, 0
         for x, _ in loader:
-            if start is None:
-                startup += time.perf_counter() - t0
-                start, cpu0 = time.perf_counter(), _cpu_seconds()
+            sync(x)
+            now = time.perf_counter()
+            if build is None:
+                build = now - t0
+                start, cpu0, last = now, _cpu_seconds(), now
                 continue
+            (firsts if n == 0 and epochs > 0 else steady).append(now - last)
+            last, n = now, n + 1
             images += x.shape[0]
-        timed += time.perf_counter() - start
+        timed += last - start
         cpu += _cpu_seconds() - cpu0
         epochs += 1
+    if hasattr(loader, "close"):
+        loader.close()  # the PIL workers stop now, not when the garbage collector gets to them
+    steady.sort()
+    firsts.sort()
+    median = steady[len(steady) // 2]
     return {"img_per_s": images / timed, "cpu_ms_per_img": 1000 * cpu / images, "images": images,
-            "seconds": timed, "startup_s": startup, "epochs": epochs}
+            "seconds": timed, "build_s": build, "epoch_startup_s": max(0.0, firsts[len(firsts) // 2] - median),
+            "batch_s": median, "epochs": epochs}
+
+
+def _median_run(rs: list[dict]) -> dict:
+    out = {}
+    for k in rs[0]:
+        vals = sorted(r[k] for r in rs)
+        out[k] = vals[len(vals) // 2] if len(vals) % 2 else (vals[len(vals) // 2 - 1] + vals[len(vals) // 2]) / 2
+    out["repeats"] = len(rs)
+    return out
 
 
 def run(args) -> dict:
@@ -102,17 +139,42 @@ def run(args) -> dict:
             create_shards(os.path.join(tmp.name, "src"), split, shards, samples_per_shard=128,
                           workers=args.threads, progress=False)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    common = dict(img_size=args.img_size, num_threads=args.threads)
-    results = {}
-    for backend in ("dali", "pil"):
-        results[f"train/{backend}"] = _rate(lambda: build_train_loader(
-            shards, args.batch, randaug=not args.no_randaug, backend=backend, **common), args.seconds)
-        results[f"val/{backend}"] = _rate(lambda: build_val_loader(shards, args.batch, backend=backend, **common),
-                                          args.seconds)
-    print(f"data pipelines, {args.threads} CPU threads, batch {args.batch}, {args.img_size} px, shards {shards}")
-    print(f"{'case':<12}{'img/s':>10}{'CPU ms/img':>12}{'images':>9}{'startup s':>11}")
+    device = args.device
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("stm-bench data: --device cuda but no CUDA device is visible")
+
+        def sync(x):  # the GPU's work for the batch is part of its time
+            torch.cuda.synchronize()
+    else:
+        def sync(x):
+            pass
+    common = dict(img_size=args.img_size, num_threads=args.threads, device=device)
+    load0 = os.getloadavg()[0]
+    runs = {}
+    # Interleaved repeats (dali, pil, dali, pil, ...), medians reported: on a shared machine the
+    # neighbours' load drifts, and a fixed order would hand one backend the quieter minutes.
+    for _ in range(args.repeats):
+        for split in ("train", "val"):
+            for backend in ("dali", "pil"):
+                if split == "train":
+                    def make():
+                        return build_train_loader(shards, args.batch, randaug=not args.no_randaug, backend=backend,
+                                                  **common)
+                else:
+                    def make():
+                        return build_val_loader(shards, args.batch, backend=backend, **common)
+                runs.setdefault(f"{split}/{backend}", []).append(_rate(make, args.seconds, sync))
+    results = {k: _median_run(v) for k, v in runs.items()}
+    load1 = os.getloadavg()[0]
+    print(f"data pipelines on {device}, {args.threads} CPU threads, batch {args.batch}, {args.img_size} px, "
+          f"shards {shards}; 1-min load average {load0:.1f} before, {load1:.1f} after ({os.cpu_count()} cores)")
+    print(f"{'case':<12}{'img/s':>10}{'CPU ms/img':>12}{'images':>9}{'build s':>9}{'epoch start s':>15}")
     for k, r in results.items():
-        print(f"{k:<12}{r['img_per_s']:>10.1f}{r['cpu_ms_per_img']:>12.2f}{r['images']:>9d}{r['startup_s']:>11.1f}")
+        print(f"{k:<12}{r['img_per_s']:>10.1f}{r['cpu_ms_per_img']:>12.2f}{int(r['images']):>9d}{r['build_s']:>9.2f}"
+              f"{r['epoch_startup_s']:>15.3f}")
     # On a shared machine wall-clock rates follow the neighbours' load; CPU time per image does not.
     for split in ("train", "val"):
         d, p = results[f"{split}/dali"], results[f"{split}/pil"]
@@ -120,6 +182,7 @@ def run(args) -> dict:
                                        "cpu_per_img": p["cpu_ms_per_img"] / d["cpu_ms_per_img"]}
         print(f"{split}: DALI vs PIL: {d['img_per_s'] / p['img_per_s']:.2f}x img/s, "
               f"{p['cpu_ms_per_img'] / d['cpu_ms_per_img']:.2f}x less CPU per image")
+    results["load_average"] = [load0, load1]
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -88,13 +88,17 @@ class EpochPlan:
     def __init__(self, num_samples: int, global_batch: int, seed: int):
         self.num_samples, self.global_batch, self.seed = num_samples, global_batch, seed
         self.steps = num_samples // global_batch
-        self._cached = (None, None)
+        self._cached = {}
 
     def order(self, epoch: int) -> np.ndarray:
-        if self._cached[0] != epoch:
+        """The permutation of ``epoch`` (the last two are kept: a prefetching stream is already in
+        the next epoch while the batches handed out are still in this one)."""
+        if epoch not in self._cached:
             rng = np.random.default_rng(np.random.SeedSequence([self.seed & 0xFFFFFFFF, epoch, 0x9E7]))
-            self._cached = (epoch, rng.permutation(self.num_samples))
-        return self._cached[1]
+            if len(self._cached) >= 2:
+                del self._cached[min(self._cached)]
+            self._cached[epoch] = rng.permutation(self.num_samples)
+        return self._cached[epoch]
 
     def micro(self, epoch: int, step: int, k: int, micro_batch: int) -> np.ndarray:
         """Sample indices of micro-batch ``k`` of global batch ``step`` of ``epoch``."""

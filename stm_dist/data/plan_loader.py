@@ -52,6 +52,10 @@ class PlanTrainLoader:
         """The next (images, labels) micro-batch of the stream."""
         raise NotImplementedError
 
+    def close(self):
+        """End the stream now (PIL: its worker processes); the next batch starts a new one."""
+        self._reposition()
+
     def describe(self) -> dict:
         return {"backend": self.backend, "device": self.device, "img_size": self.img_size, "randaug": self.randaug}
 

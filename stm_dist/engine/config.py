@@ -31,6 +31,10 @@ class ModelConfig:
     layer_scale_init_value: float = 1e-6
     # Optional initial weights (our export, a run checkpoint or an original release file).
     pretrained: Optional[str] = None
+    # A mixer of your own: a .py file (from the working directory, or the checkout) or a module
+    # that calls stm_dist.models.register_mixer; every process imports it before model.name is
+    # looked up (docs/mixers.md).
+    mixer_module: Optional[str] = None
 
 
 @dataclass
@@ -314,8 +318,16 @@ def validate(cfg: ExperimentConfig, source: str = "<config>"):
 
 def check_model_name(cfg: ExperimentConfig):
     """An unknown model.name names the closest registered ones (imports the model registry)."""
-    from stm_dist.models.registry import resolve_name
+    from stm_dist.models.registry import MixerError, load_mixer_module, resolve_name
 
+    spec = cfg.model.mixer_module
+    if spec:
+        if spec.endswith(".py") or os.sep in spec:
+            spec = cfg.model.mixer_module = resolve_path(spec)  # absolute in the saved config
+        try:
+            load_mixer_module(spec, source="'model.mixer_module'")
+        except MixerError as e:
+            raise ConfigError(str(e)) from None
     try:
         resolve_name(cfg.model.name)
     except KeyError as e:
