@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .layers import LayerNorm2d, drop_path_or_identity, layer_scale
+from .registry import paper_release, register_mixer
 
 __all__ = ["ConvNeXtBlock", "MODELS"]
 
@@ -43,13 +44,13 @@ class ConvNeXtBlock(nn.Module):
         return x.permute(0, 3, 1, 2)
 
 
-def _cfg(depths, dims, dpr):
-    return dict(block=ConvNeXtBlock, depths=depths, dims=dims, drop_path_rate=dpr)
+def _cfg(size, depths, dims, dpr):
+    return dict(depths=depths, dims=dims, drop_path_rate=dpr, url=paper_release("convnext", size))
 
 
-MODELS = {
-    "unified_convnext_micro": _cfg((3, 3, 8, 3), (32, 64, 128, 256), 0.0),
-    "unified_convnext_tiny": _cfg((2, 2, 9, 2), (96, 192, 384, 768), 0.1),
-    "unified_convnext_small": _cfg((2, 2, 24, 2), (96, 192, 384, 768), 0.4),
-    "unified_convnext_base": _cfg((2, 2, 24, 2), (128, 256, 512, 1024), 0.5),
-}
+MODELS = register_mixer("convnext", ConvNeXtBlock, {
+    "micro": _cfg("micro", (3, 3, 8, 3), (32, 64, 128, 256), 0.0),
+    "tiny": _cfg("tiny", (2, 2, 9, 2), (96, 192, 384, 768), 0.1),
+    "small": _cfg("small", (2, 2, 24, 2), (96, 192, 384, 768), 0.4),
+    "base": _cfg("base", (2, 2, 24, 2), (128, 256, 512, 1024), 0.5),
+})

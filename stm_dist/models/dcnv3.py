@@ -18,6 +18,7 @@ from torch import nn
 from stm_dist.ops import ms_deform_attn
 
 from .layers import Mlp, drop_path_or_identity, layer_scale
+from .registry import paper_release, register_mixer
 
 __all__ = ["DeformInputs", "DeformableGridAttention", "DCNv3Block", "MODELS"]
 
@@ -198,22 +199,23 @@ class DCNv3Block(nn.Module):
         return x.permute(0, 3, 1, 2), deform
 
 
-def _dcn(width, depths, drop_path_rate):
+def _dcn(width, depths, drop_path_rate, release=None):
     heads = tuple(width // 16 * 2 ** i for i in range(4))  # 16 channels per group everywhere
     return dict(
         depths=depths,
         dims=tuple(width * 2 ** i for i in range(4)),
-        block=DCNv3Block,
         block_kwargs=dict(num_heads=heads, deform_points=9, kernel_size=3, deform_padding=True),
         forward_kwargs=dict(deform_points=9, deform_padding=True),
         drop_path_rate=drop_path_rate,
+        url=paper_release("internimage", release) if release else "",
     )
 
 
-MODELS = {
-    "unified_dcn_v3_micro": _dcn(32, (2, 2, 9, 2), 0.0),
-    "unified_dcn_v3_tiny": _dcn(64, (4, 4, 18, 4), 0.1),
-    "unified_dcn_v3_small": _dcn(80, (4, 4, 21, 4), 0.3),
-    "unified_dcn_v3_base": _dcn(112, (4, 4, 21, 4), 0.5),
-    "unified_dcn_v3_large": _dcn(160, (5, 5, 22, 5), 0.5),
-}
+# "internimage": the name of the released checkpoint files (large was not released).
+MODELS = register_mixer("dcn_v3", DCNv3Block, {
+    "micro": _dcn(32, (2, 2, 9, 2), 0.0, "micro"),
+    "tiny": _dcn(64, (4, 4, 18, 4), 0.1, "tiny"),
+    "small": _dcn(80, (4, 4, 21, 4), 0.3, "small"),
+    "base": _dcn(112, (4, 4, 21, 4), 0.5, "base"),
+    "large": _dcn(160, (5, 5, 22, 5), 0.5),
+}, aliases=("internimage",))

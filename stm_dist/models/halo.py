@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .layers import MaskCache, Mlp, NHWCStage, drop_path_or_identity, layer_scale, sdpa_pays
+from .registry import paper_release, register_mixer
 
 __all__ = ["HaloBlock", "HaloAttention", "QueryRelatedPosEmbed", "MODELS"]
 
@@ -186,14 +187,15 @@ class HaloBlock(NHWCStage, nn.Module):
         return x + self.drop_path(y)
 
 
-def _cfg(depths, dims, heads, dpr):
-    return dict(block=HaloBlock, depths=depths, dims=dims, drop_path_rate=dpr,
+def _cfg(size, depths, dims, heads, dpr):
+    return dict(depths=depths, dims=dims, drop_path_rate=dpr, url=paper_release("halonet", size),
                 block_kwargs=dict(num_heads=heads, block_size=7, halo_size=3))
 
 
-MODELS = {
-    "unified_halo_micro": _cfg((2, 2, 9, 2), (32, 64, 128, 256), (1, 2, 4, 8), 0.0),
-    "unified_halo_tiny": _cfg((2, 2, 6, 2), (96, 192, 384, 768), (3, 6, 12, 24), 0.2),
-    "unified_halo_small": _cfg((2, 2, 18, 2), (96, 192, 384, 768), (3, 6, 12, 24), 0.3),
-    "unified_halo_base": _cfg((2, 2, 18, 2), (128, 256, 512, 1024), (4, 8, 16, 32), 0.5),
-}
+# "halonet": the name of the released checkpoint files and the original README.
+MODELS = register_mixer("halo", HaloBlock, {
+    "micro": _cfg("micro", (2, 2, 9, 2), (32, 64, 128, 256), (1, 2, 4, 8), 0.0),
+    "tiny": _cfg("tiny", (2, 2, 6, 2), (96, 192, 384, 768), (3, 6, 12, 24), 0.2),
+    "small": _cfg("small", (2, 2, 18, 2), (96, 192, 384, 768), (3, 6, 12, 24), 0.3),
+    "base": _cfg("base", (2, 2, 18, 2), (128, 256, 512, 1024), (4, 8, 16, 32), 0.5),
+}, aliases=("halonet",))

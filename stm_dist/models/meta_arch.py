@@ -189,6 +189,14 @@ class MetaArch(nn.Module):
                       (r"^stage_end_norm\.", after_prev)]
         return dict(stem=r"^downsample_layers\.0\.", blocks=blocks)
 
+    def load_pretrained(self, checkpoint, **kwargs):
+        """timm's `custom_load` hook (`timm.create_model(name, pretrained=True)`): our loader's
+        conventions (stm_dist.models.pretrained); a head of another class count is replaced."""
+        from .pretrained import load_pretrained
+
+        kwargs.setdefault("new_head", True)
+        return load_pretrained(self, checkpoint, **kwargs)
+
     def get_classifier(self) -> nn.Module:
         return self.head
 

@@ -12,6 +12,7 @@ from torch import nn
 from timm.layers import trunc_normal_
 
 from .layers import Mlp, NHWCStage, drop_path_or_identity, layer_scale
+from .registry import paper_release, register_mixer
 
 __all__ = ["SpatialReductionAttention", "PvtBlock", "PvtV2Block", "MODELS"]
 
@@ -154,25 +155,30 @@ class PvtV2Block(NHWCStage, nn.Module):
         return x.view(B, H, W, C)
 
 
-def _pvt(block, depths, mlp_ratios, drop_path_rate, dims=(64, 128, 320, 512)):
+def _pvt(depths, mlp_ratios, drop_path_rate, dims=(64, 128, 320, 512), url=""):
     return dict(
         depths=depths,
         dims=dims,
-        block=block,
         block_kwargs=dict(num_heads=(1, 2, 5, 8), mlp_ratios=mlp_ratios, sr_ratios=(8, 4, 2, 1), qkv_bias=True),
         drop_path_rate=drop_path_rate,
+        url=url,
     )
 
 
 _MICRO_DIMS = (32, 64, 160, 256)
 
+# Only the paper's PVT (v1 attention) was released; PVTv2 blocks are an extra.
 MODELS = {
-    "unified_pvt_micro": _pvt(PvtBlock, (2, 2, 3, 2), (8, 8, 4, 4), 0.0, _MICRO_DIMS),
-    "unified_pvt_tiny": _pvt(PvtBlock, (3, 4, 9, 3), (8, 8, 4, 4), 0.1),
-    "unified_pvt_small": _pvt(PvtBlock, (3, 4, 21, 3), (8, 8, 4, 4), 0.3),
-    "unified_pvt_base": _pvt(PvtBlock, (3, 8, 45, 3), (4, 4, 4, 4), 0.5),
-    "unified_pvt_v2_micro": _pvt(PvtV2Block, (2, 2, 3, 2), (8, 8, 4, 4), 0.0, _MICRO_DIMS),
-    "unified_pvt_v2_tiny": _pvt(PvtV2Block, (3, 3, 9, 3), (8, 8, 4, 4), 0.1),
-    "unified_pvt_v2_small": _pvt(PvtV2Block, (3, 3, 21, 3), (8, 8, 4, 4), 0.3),
-    "unified_pvt_v2_base": _pvt(PvtV2Block, (3, 6, 45, 3), (4, 4, 4, 4), 0.5),
+    **register_mixer("pvt", PvtBlock, {
+        "micro": _pvt((2, 2, 3, 2), (8, 8, 4, 4), 0.0, _MICRO_DIMS, paper_release("pvt", "micro")),
+        "tiny": _pvt((3, 4, 9, 3), (8, 8, 4, 4), 0.1, url=paper_release("pvt", "tiny")),
+        "small": _pvt((3, 4, 21, 3), (8, 8, 4, 4), 0.3, url=paper_release("pvt", "small")),
+        "base": _pvt((3, 8, 45, 3), (4, 4, 4, 4), 0.5, url=paper_release("pvt", "base")),
+    }),
+    **register_mixer("pvt_v2", PvtV2Block, {
+        "micro": _pvt((2, 2, 3, 2), (8, 8, 4, 4), 0.0, _MICRO_DIMS),
+        "tiny": _pvt((3, 3, 9, 3), (8, 8, 4, 4), 0.1),
+        "small": _pvt((3, 3, 21, 3), (8, 8, 4, 4), 0.3),
+        "base": _pvt((3, 6, 45, 3), (4, 4, 4, 4), 0.5),
+    }),
 }

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
 from .layers import LayerNorm2d, MaskCache, Mlp, drop_path_or_identity, layer_scale, sdpa_pays
+from .registry import paper_release, register_mixer
 
 __all__ = ["SwinBlock", "WindowAttention", "window_partition", "window_reverse", "shift_window_mask",
            "MODELS"]
@@ -189,14 +190,14 @@ class SwinBlock(nn.Module):
         return x + self.drop_path(y.permute(0, 3, 1, 2))
 
 
-def _cfg(depths, dims, heads, dpr):
-    return dict(block=SwinBlock, depths=depths, dims=dims, drop_path_rate=dpr,
+def _cfg(size, depths, dims, heads, dpr):
+    return dict(depths=depths, dims=dims, drop_path_rate=dpr, url=paper_release("swin", size),
                 block_kwargs=dict(num_heads=heads, window_size=7))
 
 
-MODELS = {
-    "unified_swin_micro": _cfg((2, 2, 9, 2), (32, 64, 128, 256), (1, 2, 4, 8), 0.0),
-    "unified_swin_tiny": _cfg((2, 2, 6, 2), (96, 192, 384, 768), (3, 6, 12, 24), 0.2),
-    "unified_swin_small": _cfg((2, 2, 18, 2), (96, 192, 384, 768), (3, 6, 12, 24), 0.3),
-    "unified_swin_base": _cfg((2, 2, 18, 2), (128, 256, 512, 1024), (4, 8, 16, 32), 0.5),
-}
+MODELS = register_mixer("swin", SwinBlock, {
+    "micro": _cfg("micro", (2, 2, 9, 2), (32, 64, 128, 256), (1, 2, 4, 8), 0.0),
+    "tiny": _cfg("tiny", (2, 2, 6, 2), (96, 192, 384, 768), (3, 6, 12, 24), 0.2),
+    "small": _cfg("small", (2, 2, 18, 2), (96, 192, 384, 768), (3, 6, 12, 24), 0.3),
+    "base": _cfg("base", (2, 2, 18, 2), (128, 256, 512, 1024), (4, 8, 16, 32), 0.5),
+})

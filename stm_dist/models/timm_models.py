@@ -1,0 +1,100 @@
+"""Every registered model inside timm: `timm.create_model("unified_swin_tiny")` after
+`import stm_dist.models` (aliases `unified_halonet_*` / `unified_internimage_*` too).
+
+The entry points build through our `create_model` (the one construction path) inside timm's
+`build_model_with_cfg`, so timm's own machinery applies: `pretrained_cfg` / `default_cfg`,
+`features_only=True` (timm's FeatureGetterNet over `MetaArch.forward_intermediates`),
+`pretrained_cfg_overlay`. Weights load with our checkpoint conventions
+(stm_dist.models.pretrained: containers, prefixes, rel-pos / pos-embed resizing, a new head for
+another class count): a file or URL through `MetaArch.load_pretrained` (timm's `custom_load`
+hook; timm's own reader refuses the original's release files, which pickle an
+argparse.Namespace), an in-memory state dict (`pretrained_cfg_overlay=dict(state_dict=...)`)
+through `filter_state_dict`.
+"""
+from functools import partial
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg, register_model
+
+__all__ = ["pretrained_cfg", "register", "filter_state_dict", "timm_names"]
+
+# timm's register_model reads the pretrained cfgs of an entry point from its module's table.
+default_cfgs = {}
+_registered = {}  # timm name -> canonical model name
+
+
+# The paper's ImageNet-1k recipe (spec §3): 224 px, crop 0.875, bicubic, ImageNet mean/std.
+_BASE = dict(
+    url="",
+    num_classes=1000,
+    input_size=(3, 224, 224),
+    pool_size=(7, 7),
+    crop_pct=0.875,
+    interpolation="bicubic",
+    mean=IMAGENET_DEFAULT_MEAN,
+    std=IMAGENET_DEFAULT_STD,
+    first_conv="downsample_layers.0.stem.0",
+    classifier="head",
+    custom_load=True,
+    paper_ids="arXiv:2211.05781",
+)
+
+
+def pretrained_cfg(name: str) -> dict:
+    """timm-style pretrained cfg of a registered model (its release URL, if any)."""
+    from .registry import _models, resolve_name
+
+    return dict(_BASE, url=_models[resolve_name(name)].get("url") or "")
+
+
+def filter_state_dict(state_dict: dict, model) -> dict:
+    """timm's pretrained_filter_fn: our loader does the conversion into `model` (strict, a new
+    head for another class count); timm then loads the converted weights back unchanged."""
+    from .pretrained import load_pretrained
+
+    load_pretrained(model, state_dict, new_head=True)
+    return model.state_dict()
+
+
+def _construct(canonical: str, **kwargs):
+    from .registry import create_model
+
+    if "in_chans" in kwargs:  # timm's name for it
+        kwargs["in_channels"] = kwargs.pop("in_chans")
+    return create_model(canonical, **kwargs)
+
+
+def _build(timm_name: str, canonical: str, pretrained: bool = False, **kwargs):
+    return build_model_with_cfg(
+        partial(_construct, canonical), timm_name, pretrained,
+        pretrained_filter_fn=filter_state_dict,
+        feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)),
+        **kwargs)
+
+
+def register(canonical: str, url: str = "", aliases=()) -> None:
+    """timm entry points for `canonical` and its alias names (again: the cfg is refreshed)."""
+    for name in (canonical, *aliases):
+        cfg = dict(_BASE, url=url)
+        if _registered.get(name) == canonical and default_cfgs.get(name) == cfg:
+            continue
+        default_cfgs[name] = cfg
+
+        def entry(pretrained: bool = False, _name=name, **kwargs):
+            return _build(_name, canonical, pretrained, **kwargs)
+
+        entry.__name__ = entry.__qualname__ = name
+        entry.__module__ = __name__
+        entry.__doc__ = f"{canonical} (stm_dist); pretrained=True loads {url or 'no released weights'}"
+        globals()[name] = entry
+        if name in _registered:  # a re-registered mixer: replace without timm's overwrite warning
+            from timm.models._registry import _clear_model_entries
+
+            _clear_model_entries(name)
+        register_model(entry)
+        _registered[name] = canonical
+
+
+def timm_names() -> dict:
+    """{timm name: canonical model name} of every entry point this package registered."""
+    return dict(_registered)
