@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from stm_dist import package_data
+
 _KNOWN_KEYS = {"name", "configs", "models", "overrides", "grid", "runs_root"}
 _OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*=")
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class SweepError(ValueError):
@@ -96,7 +97,7 @@ def _yaml_scalar(value) -> str:
 
 def _find_dir(folder: str, sweep_path: str) -> str:
     """Relative folders are tried from the working directory, the sweep file's folder and its
-    parents, then the repository."""
+    parents, then as the folders shipped with stm_dist (the package's copy or the checkout's)."""
     if os.path.isabs(folder):
         return folder
     here = os.path.dirname(os.path.abspath(sweep_path))
@@ -107,16 +108,30 @@ def _find_dir(folder: str, sweep_path: str) -> str:
         if parent == here:
             break
         here = parent
-    candidates.append(os.path.join(_REPO_ROOT, folder))
+    shipped = package_data.shipped(folder)
+    if shipped:
+        candidates.append(shipped)
     for c in candidates:
         if os.path.isdir(c):
             return os.path.normpath(c)
     return os.path.abspath(folder)
 
 
+def _find_file(arg: str) -> str:
+    """A sweep file: a path (from the working directory, or shipped such as sweeps/paper.yaml),
+    or the name of a shipped sweep (`paper`)."""
+    if os.path.isfile(arg):
+        return arg
+    found = package_data.shipped(arg) or package_data.find_named(arg, "sweeps")
+    if found and os.path.isfile(found):
+        return found
+    close = package_data.close_names(arg, "sweeps")
+    hint = f" (shipped sweeps: {', '.join(package_data.names('sweeps'))})" if package_data.names("sweeps") else ""
+    raise SweepError(f"sweep file not found: {arg}" + (f"; did you mean {', '.join(close)}?" if close else hint))
+
+
 def load(path: str) -> Sweep:
-    if not os.path.isfile(path):
-        raise SweepError(f"sweep file not found: {path}")
+    path = _find_file(path)
     try:
         with open(path) as f:
             raw = yaml.safe_load(f) or {}

@@ -1,6 +1,8 @@
 """stm-train: train one model with DeepSpeed.
 
-    stm-train --config configs/unified_swin_tiny.yaml [section.key=value ...]
+    stm-train --config unified_swin_tiny [section.key=value ...]     # a shipped recipe, by name
+    stm-train --config path/to/my_recipe.yaml [section.key=value ...]
+    stm-train --config unified_swin_tiny --print-config               # the resolved config; no run
     deepspeed --num_gpus 8 -m stm_dist.cli.train --config ... run.out_dir=runs/swin_t
     DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 deepspeed --num_accelerators 2 -m stm_dist.cli.train ...
     torchrun --nproc_per_node 2 -m stm_dist.cli.train --config ...
@@ -16,7 +18,10 @@ import sys
 def build_parser():
     p = argparse.ArgumentParser(prog="stm-train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="experiment YAML (configs/*.yaml)")
+    p.add_argument("--config", required=True,
+                   help="a recipe name (unified_swin_tiny: the configs/ shipped with stm_dist) or an experiment YAML path")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved experiment config (overrides applied, the DeepSpeed JSON's path) and exit")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=4e-3 run.out_dir=runs/x")
     p.add_argument("--resume", metavar="PATH", default=None,
                    help="start from this checkpoint (a run dir or a step* folder) when run.out_dir has none of "
@@ -44,6 +49,14 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"stm-train: config error: {e}", file=sys.stderr)
         return 2
+    if args.print_config:
+        import yaml
+
+        from stm_dist.engine.config import resolve_config
+
+        print(f"# {resolve_config(args.config)}" + (f" + {' '.join(args.overrides)}" if args.overrides else ""))
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
     from stm_dist.engine.distributed import finish
     from stm_dist.engine.trainer import Trainer
 

@@ -14,6 +14,10 @@ from typing import Any, Optional
 
 import yaml
 
+from stm_dist import package_data
+
+# The source checkout (when imported from one); the shipped configs/ ds_configs/ sweeps/ are
+# found through package_data, which also knows the wheel's copies.
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -242,9 +246,7 @@ def parse_override(text: str) -> tuple[str, str, Any]:
 
 
 def load(path: str, overrides: list[str] = ()) -> ExperimentConfig:
-    path = resolve_path(path)  # configs/x.yaml works from any directory
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file not found: {path}")
+    path = resolve_config(path)  # a recipe name, or configs/x.yaml from any directory
     with open(path) as f:
         try:
             raw = yaml.safe_load(f) or {}
@@ -258,7 +260,13 @@ def load(path: str, overrides: list[str] = ()) -> ExperimentConfig:
         if not isinstance(raw[section], dict):
             raw[section] = {}
         raw[section][key] = value
-    return from_dict(raw, source=path)
+    cfg = from_dict(raw, source=path)
+    # Pinned now (a shipped ds_configs/ file, usually): every later reader (the checks, the recipe
+    # hash, the engine) then opens the same file whatever the working directory.
+    ds = resolve_path(cfg.deepspeed.config)
+    if os.path.isfile(ds):
+        cfg.deepspeed.config = ds
+    return cfg
 
 
 def validate(cfg: ExperimentConfig, source: str = "<config>"):
@@ -335,11 +343,43 @@ def check_model_name(cfg: ExperimentConfig):
 
 
 def resolve_path(path: str) -> str:
-    """Relative paths are tried from the working directory first, then from the repository."""
+    """Relative paths are tried from the working directory first, then as the shipped
+    configs/ ds_configs/ sweeps/ (the installed package's copies, or the source checkout's),
+    then from the source checkout when there is one."""
     if os.path.isabs(path) or os.path.exists(path):
         return os.path.abspath(path)
+    found = package_data.shipped(path)
+    if found:
+        return found
     alt = os.path.join(REPO_ROOT, path)
-    return alt if os.path.exists(alt) else os.path.abspath(path)
+    in_checkout = os.path.isfile(os.path.join(REPO_ROOT, "setup.py"))
+    return alt if in_checkout and os.path.exists(alt) else os.path.abspath(path)
+
+
+def resolve_config(arg: str) -> str:
+    """The experiment YAML `arg` names: a file (from the working directory, or a shipped path
+    such as configs/unified_swin_tiny.yaml), or a recipe name (`unified_swin_tiny`, a model
+    alias such as `unified_halonet_tiny` too). Else one ConfigError line with close names."""
+    path = resolve_path(arg)
+    if os.path.isfile(path):
+        return path
+    named = package_data.find_named(arg, "configs")
+    if named is None and not os.path.dirname(arg) and not arg.endswith((".yaml", ".yml")):
+        try:  # a model alias names the canonical model's recipe
+            from stm_dist.models.registry import resolve_name
+
+            named = package_data.find_named(resolve_name(arg), "configs")
+        except KeyError:
+            pass
+    if named:
+        return named
+    close = package_data.close_names(arg, "configs")
+    where = package_data.folder("configs")
+    hint = f"; close recipe names: {', '.join(close)}" if close else ""
+    shipped = f"a recipe name (the {len(package_data.names('configs'))} in {where})" if where else "a recipe name"
+    if os.path.dirname(arg) or arg.endswith((".yaml", ".yml")):
+        raise ConfigError(f"config file not found: {arg} (looked in {os.getcwd()} and the shipped configs/){hint}")
+    raise ConfigError(f"no recipe named '{arg}'{hint}; give {shipped} or a path to a YAML file")
 
 
 def check_paths(cfg: ExperimentConfig, need_train: bool = True, need_val: bool = True):

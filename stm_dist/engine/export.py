@@ -1,7 +1,13 @@
-"""Turn a run's checkpoint (any ZeRO stage) into one plain fp32 state dict.
+"""Turn a run's checkpoint (any ZeRO stage) into one fp32 weights file: `.pth` or `.safetensors`.
 
-The result has the model's own state-dict keys (the original release's key layout), so
-`create_model(name)` + `load_pretrained(model, path)` reads it like a released checkpoint.
+Both hold the model's own state-dict keys (the original release's key layout) and say what they
+are: the model name, its pretrained_cfg (what timm needs to use the weights: input size, class
+count, mean/std, crop), the checkpoint they came from, the step and whether they are the EMA.
+* `.safetensors`: the tensors, with that description as string metadata ("stm_dist.model",
+  "stm_dist.pretrained_cfg" (JSON), "stm_dist.source", "stm_dist.step", "stm_dist.ema").
+* `.pth`: `{"state_dict": sd, "model": name, "pretrained_cfg": {...}, "source", "step", "ema"}`,
+  the container both our `load_pretrained` and timm's `load_state_dict` look into.
+A sidecar `<file>.json` repeats the description for tools that do not open the weights.
 """
 from __future__ import annotations
 
@@ -12,6 +18,12 @@ import torch
 
 from . import checkpoint as ckpt
 from .checkpoint import locate  # noqa: F401  (stm-eval and stm-analyze find checkpoints here too)
+
+FORMATS = ("pth", "safetensors")
+META_PREFIX = "stm_dist."
+# Where the weights can be fetched from is not a property of these weights.
+_CFG_DROP = ("url", "hf_hub_id", "hf_hub_filename", "file", "state_dict", "source", "tag", "architecture")
+_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def consolidate(ckpt_dir: str, tag: str, marker: dict, ema: bool = False) -> dict:
@@ -38,16 +50,108 @@ def consolidate(ckpt_dir: str, tag: str, marker: dict, ema: bool = False) -> dic
     return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
 
 
-def export(run_path: str, out_path: str, ema: bool = False, warn=print) -> dict:
+def format_for(out_path: str, fmt: str | None = None) -> str:
+    """The file format: `fmt` if given, else from the suffix (.safetensors, anything else .pth).
+    A format the suffix contradicts is refused: timm picks its reader by the suffix."""
+    by_suffix = "safetensors" if out_path.endswith(".safetensors") else "pth"
+    if fmt is None:
+        return by_suffix
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    if fmt != by_suffix:
+        stem = os.path.splitext(out_path)[0]
+        want = stem + (".safetensors" if fmt == "safetensors" else ".pth")
+        raise ValueError(f"--format {fmt} but the output is named {out_path} (readers, timm's included, "
+                         f"choose the format by the suffix): name it {want}")
+    return fmt
+
+
+def _run_config(ckpt_dir: str, tag: str) -> dict:
+    """The experiment config the checkpoint was trained under ({} when it cannot be read)."""
+    try:
+        return ckpt.load_client(os.path.join(ckpt_dir, tag), 0).get("config") or {}
+    except (RuntimeError, AttributeError):
+        return {}
+
+
+def pretrained_cfg(name: str, sd: dict, run_cfg: dict) -> dict:
+    """timm's pretrained_cfg for these weights: the registered one (when stm_dist.models gives it
+    to timm), with the class count, input size and crop of the run that trained them."""
+    cfg: dict = {}
+    try:
+        import stm_dist.models  # noqa: F401  (registers the models with timm)
+        from timm.models import get_pretrained_cfg
+
+        found = get_pretrained_cfg(name, allow_unregistered=False)
+        if found is not None:
+            cfg = found.to_dict()
+    except (ImportError, RuntimeError, KeyError, ValueError):
+        pass
+    cfg = {k: v for k, v in cfg.items() if k not in _CFG_DROP and v is not None}
+    model, data = run_cfg.get("model") or {}, run_cfg.get("data") or {}
+    cfg.setdefault("mean", _IMAGENET_MEAN)
+    cfg.setdefault("std", _IMAGENET_STD)
+    cfg.setdefault("interpolation", "bicubic")
+    cfg.setdefault("classifier", "head")
+    if "head.weight" in sd:
+        cfg["num_classes"] = int(sd["head.weight"].shape[0])
+    elif model.get("num_classes"):
+        cfg["num_classes"] = int(model["num_classes"])
+    if model.get("img_size"):
+        cfg["input_size"] = (3, int(model["img_size"]), int(model["img_size"]))
+    cfg.setdefault("input_size", (3, 224, 224))
+    if data.get("crop_pct"):
+        cfg["crop_pct"] = float(data["crop_pct"])
+    cfg.setdefault("crop_pct", 0.875)
+    return json.loads(json.dumps(cfg))  # plain JSON types (tuples -> lists), as the file will hold
+
+
+def write(sd: dict, out_path: str, info: dict, fmt: str):
+    """Write `sd` with its description `info` (model, pretrained_cfg, source, step, ema)."""
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    tmp = f"{out_path}.tmp-{os.getpid()}"
+    try:
+        if fmt == "safetensors":
+            from safetensors.torch import save_file
+
+            meta = {f"{META_PREFIX}{k}": (v if isinstance(v, str) else json.dumps(v)) for k, v in info.items()}
+            save_file(sd, tmp, metadata=meta)
+        else:
+            torch.save({"state_dict": sd, **info}, tmp)
+        os.replace(tmp, out_path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    with open(out_path + ".json", "w") as f:
+        json.dump(dict(info, format=fmt), f, indent=1)
+
+
+def read_info(path: str) -> dict:
+    """The description stored inside an export (model, pretrained_cfg, source, step, ema)."""
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+        out = {}
+        for k, v in meta.items():
+            if k.startswith(META_PREFIX):
+                k = k[len(META_PREFIX):]
+                out[k] = v if k in ("model", "source") else json.loads(v)
+        return out
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    return {k: v for k, v in obj.items() if k != "state_dict"} if isinstance(obj, dict) else {}
+
+
+def export(run_path: str, out_path: str, ema: bool = False, warn=print, fmt: str | None = None) -> dict:
+    fmt = format_for(out_path, fmt)
     ckpt_dir, tag, marker = locate(run_path, warn=warn)
     sd = consolidate(ckpt_dir, tag, marker, ema=ema)
+    # Own, contiguous storage per tensor: safetensors refuses shared or strided tensors, and the
+    # two formats must hold the same bytes.
     sd = {k: v.detach().clone().contiguous() for k, v in sd.items()}
-    info = {"model": marker.get("model"), "step": marker.get("step"), "source": os.path.join(ckpt_dir, tag),
-            "ema": ema}
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    tmp = out_path + ".tmp"
-    torch.save(sd, tmp)
-    os.replace(tmp, out_path)
-    with open(out_path + ".json", "w") as f:
-        json.dump(info, f, indent=1)
-    return info
+    name = marker.get("model")
+    info = {"model": name, "pretrained_cfg": pretrained_cfg(name, sd, _run_config(ckpt_dir, tag)),
+            "source": os.path.join(ckpt_dir, tag), "step": marker.get("step"), "ema": ema}
+    write(sd, out_path, info, fmt)
+    return dict(info, format=fmt)

@@ -125,7 +125,9 @@ def build_engine(model, precision: str = "bf16", zero_stage: int = 1, global_bat
     """The trainer's engine on a bare model, for benchmarks (needs the process group up)."""
     from stm_dist.models.param_groups import param_groups
 
-    from .config import REPO_ROOT, ExperimentConfig
+    from stm_dist import package_data
+
+    from .config import ExperimentConfig
     from .distributed import accelerator_name
 
     world = torch.distributed.get_world_size()
@@ -135,7 +137,8 @@ def build_engine(model, precision: str = "bf16", zero_stage: int = 1, global_bat
     cfg = ExperimentConfig()
     cfg.train.global_batch, cfg.train.micro_batch = global_batch, micro_batch
     cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.clip_grad = lr, weight_decay, clip_grad
-    cfg.deepspeed.config = os.path.join(REPO_ROOT, "ds_configs", f"zero{zero_stage}_{precision}.json")
+    cfg.deepspeed.config = os.path.join(package_data.folder("ds_configs") or "ds_configs",
+                                        f"zero{zero_stage}_{precision}.json")
     built = ds_setup.build(cfg, world, accel)
     model = prepare_model(model, world, channels_last).to(device)
     groups = param_groups(model, weight_decay=weight_decay)

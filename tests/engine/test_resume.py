@@ -120,7 +120,7 @@ def test_zero3_export_equals_live_weights_and_eval_matches(digits_shards, root, 
     p = subprocess.run([sys.executable, "-m", "stm_dist.cli.export", ref, "-o", out], env=env(),
                        capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
-    exported = torch.load(out, map_location="cpu")
+    exported = torch.load(out, map_location="cpu")["state_dict"]  # stm-export's .pth container
     live = torch.load(os.path.join(ref, "live_weights.pt"), map_location="cpu")
     assert set(exported) == set(live)
     for k, v in live.items():
@@ -164,4 +164,4 @@ def test_zero3_export_equals_live_weights_and_eval_matches(digits_shards, root, 
     assert p.returncode == 0, p.stderr
     m = create_model("unified_convnext_micro", num_classes=10, img_size=32)
     load_pretrained(m, ema_out)
-    assert all(v.dtype == torch.float32 for v in torch.load(ema_out).values() if v.is_floating_point())
+    assert all(v.dtype == torch.float32 for v in torch.load(ema_out)["state_dict"].values() if v.is_floating_point())
