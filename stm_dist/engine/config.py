@@ -35,6 +35,9 @@ class ModelConfig:
     layer_scale_init_value: float = 1e-6
     # Optional initial weights (our export, a run checkpoint or an original release file).
     pretrained: Optional[str] = None
+    # Fine-tuning: take the EMA weights of a file holding both (model_ema / state_dict_ema / an
+    # EMA export). A head with another class count is always replaced (and logged).
+    pretrained_ema: bool = False
     # A mixer of your own: a .py file (from the working directory, or the checkout) or a module
     # that calls stm_dist.models.register_mixer; every process imports it before model.name is
     # looked up (docs/mixers.md).
@@ -76,6 +79,9 @@ class OptimConfig:
     eps: float = 1e-8
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     clip_grad: float = 5.0
+    # Layer-wise lr decay for fine-tuning (BEiT / timm style, layers from model.group_matcher()):
+    # lr x layer_decay ** (num_layers - 1 - layer_id); None = off (the original recipe).
+    layer_decay: Optional[float] = None
 
 
 @dataclass
@@ -295,6 +301,8 @@ def validate(cfg: ExperimentConfig, source: str = "<config>"):
     need(len(o.betas) == 2, "optim.betas", "must have two values")
     need(all(0.0 <= b < 1.0 for b in o.betas), "optim.betas", f"must both be in [0, 1), got {o.betas}")
     need(o.clip_grad >= 0, "optim.clip_grad", f"must be >= 0 (0 = off), got {o.clip_grad}")
+    need(o.layer_decay is None or 0.0 < o.layer_decay <= 1.0, "optim.layer_decay",
+         f"must be in (0, 1] (e.g. 0.75; null = off), got {o.layer_decay}")
     need(s.epochs > 0, "schedule.epochs", f"must be > 0, got {s.epochs}")
     need(s.warmup_epochs >= 0, "schedule.warmup_epochs", f"must be >= 0, got {s.warmup_epochs}")
     need(s.warmup_epochs <= s.epochs, "schedule.warmup_epochs",

@@ -1,6 +1,10 @@
 """Evaluation during training: plain fp32 copies of the live and the EMA weights, each scored
-on the validation shards with every image counted once across ranks."""
+on the validation shards with every image counted once across ranks; the best of each by
+top-1 is kept as best.pth / best_ema.pth in the run directory."""
 from __future__ import annotations
+
+import json
+import os
 
 import torch
 
@@ -20,23 +24,93 @@ def eval_copy(cfg, module: torch.nn.Module, zero_stage: int, device, state: dict
     return model
 
 
-def evaluate_run(cfg, module, zero_stage: int, ema, rank: int, world: int, device, on_cuda: bool) -> dict:
-    """{top1, top5, loss} of the live weights, and `*_ema` of the EMA weights when there are some."""
+class BestCheckpoints:
+    """best.pth (live weights) and best_ema.pth (EMA weights), each rewritten when its top-1
+    improves: plain fp32 state dicts in the model's key layout (load_pretrained / stm-eval read
+    them), each with a `<file>.json` (model, step, epoch, top-1). They live in the run directory,
+    outside checkpoints/ and its keep-last-K rotation.
+
+    The best top-1 so far is part of the training state (`state.best`). A checkpoint is saved
+    before the evaluation of the same step, so the JSON files also count: a best recorded at or
+    before the step this start resumed from belongs to this run's history; one recorded later
+    was written by a start whose steps were discarded, and is beaten by any new evaluation."""
+
+    NAMES = {"": "best", "_ema": "best_ema"}
+
+    def __init__(self, run_dir: str, rank: int, model_name: str, state, start_step: int, log=print):
+        self.run_dir, self.rank, self.model_name, self.state, self.log = run_dir, rank, model_name, state, log
+        for suffix, name in self.NAMES.items():
+            rec = self.read(os.path.join(run_dir, f"{name}.pth.json"))
+            key = f"top1{suffix}"
+            if rec and rec.get("step", start_step + 1) <= start_step and key in rec:
+                if rec[key] > self.state.best.get(key, -1.0):
+                    self.state.best[key] = rec[key]
+
+    @staticmethod
+    def read(path: str) -> dict | None:
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
+    def offer(self, suffix: str, model: torch.nn.Module, results: dict):
+        """Keep `model` (already evaluated: results hold its top1{suffix}) if it is the best yet."""
+        key = f"top1{suffix}"
+        top1, was = results[key], self.state.best.get(key)
+        if was is not None and top1 <= was:
+            return
+        self.state.best[key] = top1  # every rank: the training state saved next holds it
+        if self.rank != 0:
+            return
+        name = self.NAMES[suffix]
+        path = os.path.join(self.run_dir, f"{name}.pth")
+        sd = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+        info = {"kind": name, "model": self.model_name, "ema": suffix == "_ema", "step": results["step"],
+                "epoch": results["epoch"], key: top1, f"top5{suffix}": results.get(f"top5{suffix}"),
+                f"loss{suffix}": results.get(f"loss{suffix}")}
+        # Weights first, then their description: a crash in between leaves better weights
+        # described by the older (lower) top-1, never the reverse.
+        torch.save(sd, path + ".tmp")
+        with open(path + ".json.tmp", "w") as f:
+            json.dump(info, f, indent=1)
+        os.replace(path + ".tmp", path)
+        os.replace(path + ".json.tmp", path + ".json")
+        self.log(f"new best{' EMA' if suffix else ''} top-1 {top1:.3f}"
+                 + (f" (was {was:.3f})" if was is not None else "") + f" at step {results['step']}: wrote {path}")
+
+
+def evaluate_run(cfg, module, zero_stage: int, ema, rank: int, world: int, device, on_cuda: bool,
+                 step: int = 0, epoch: int = 0, best: BestCheckpoints | None = None) -> dict:
+    """{top1, top5, loss} of the live weights, and `*_ema` of the EMA weights when there are some.
+    With `best`, the evaluated copies that improve on the best top-1 are written as best*.pth."""
     from stm_dist.data import build_val_loader, read_manifest
 
     expected = int(read_manifest(cfg.data.val_shards, "val")["num_samples"])
     results = {}
-    models = [("", eval_copy(cfg, module, zero_stage, device))]
-    if ema is not None:
-        models.append(("_ema", eval_copy(cfg, module, zero_stage, device, ema.full_state())))
-    for suffix, model in models:
+    sources = [("", None)] + ([("_ema", ema)] if ema is not None else [])
+    for suffix, src in sources:
+        # The EMA's full_state is a collective: every rank builds both copies in the same order.
+        model = eval_copy(cfg, module, zero_stage, device, src.full_state() if src is not None else None)
         loader = build_val_loader(cfg.data.val_shards, cfg.data.eval_batch, rank=rank, world_size=world,
                                   img_size=cfg.model.img_size, crop_pct=cfg.data.crop_pct,
                                   device="cuda" if on_cuda else "cpu", num_threads=cfg.data.num_threads,
                                   backend=cfg.data.backend, dont_use_mmap=cfg.data.dont_use_mmap)
         r = evaluate(model, loader, device, expected_samples=expected)
         results.update({f"top1{suffix}": r["top1"], f"top5{suffix}": r["top5"], f"loss{suffix}": r["loss"]})
+        if best is not None:
+            best.offer(suffix, model, dict(results, step=step, epoch=epoch))
+        del model
     return results
+
+
+def lr_groups(optimizer) -> list:
+    """The optimizer's groups as the schedule last set them (name, layer id, lr scale, lr, wd)."""
+    out = []
+    for i, g in enumerate(optimizer.param_groups):
+        out.append({"name": g.get("group_name", str(i)), "layer_id": g.get("layer_id"),
+                    "lr_scale": g.get("lr_scale", 1.0), "lr": g["lr"], "weight_decay": g.get("weight_decay")})
+    return out
 
 
 def dump_live_weights(module, zero_stage: int, rank: int, path: str):

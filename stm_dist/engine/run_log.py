@@ -65,6 +65,11 @@ class RunLog:
             self.bar.set_postfix(ep=record["epoch"], loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                  img_s=f"{record.get('img_s', 0):.0f}", refresh=False)
 
+    def record(self, record: dict):
+        """Another kind of record (it has 'kind' and 'step'): metrics.jsonl only."""
+        if self.main:
+            self._jsonl.write(json.dumps(record) + "\n")
+
     def eval(self, record: dict):
         if not self.main:
             return

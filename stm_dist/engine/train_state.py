@@ -45,6 +45,8 @@ class TrainState:
         self.feed, self.ema, self.runner = feed, ema, runner
         self.seed, self.rank, self.world = seed, rank, world
         self.step = self.epoch = self.step_in_epoch = 0
+        # Best validation top-1 so far, {'top1': .., 'top1_ema': ..} (run_eval.BestCheckpoints).
+        self.best = {}
 
     def state_dict(self) -> dict:
         return {
@@ -53,6 +55,7 @@ class TrainState:
             "rng": rng_state(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "runner": self.runner.state_dict(),
+            "best": dict(self.best),
         }
 
     def load_state_dict(self, clients: list[dict], where: str, log=print, new_ema=None):
@@ -70,6 +73,7 @@ class TrainState:
             else:
                 self.ema.load_state_dict(states)
         self.runner.load_state_dict(mine.get("runner") or {})
+        self.best = dict(mine.get("best") or {})
         if saved_world == self.world:
             set_rng_state(mine["rng"])
         else:

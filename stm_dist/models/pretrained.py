@@ -1,17 +1,22 @@
 """Loading released / trained checkpoints into the unified models.
 
 `load_pretrained(model, path_or_state_dict, label_map=None, strict=True)` accepts a bare state
-dict or the training containers (`{'model': ...}`, `{'module': ...}`, `{'model_ema': ...}`),
-strips DDP/compile prefixes and does the original's conveniences (spec §1.6):
+dict, a `.pth` or `.safetensors` file, or the training containers (`{'model': ...}`,
+`{'module': ...}`, `{'state_dict': ...}`; EMA weights from `{'model_ema': ...}` /
+`{'state_dict_ema': ...}` or an EMA export with `use_ema=True`), strips DDP/compile prefixes and
+does the original's conveniences (spec §1.6):
 * Swin `relative_position_bias_table`: bicubic resize of the (2w-1)^2 table;
 * Halo `height_rel` / `width_rel`: linear resize (align_corners=True);
 * any `*pos_embed` of 4-D shape: bilinear resize (align_corners=True) to the model's grid;
 * `relative_position_index` / `attn_mask` buffers are always the model's own (never loaded);
 * a classifier with another class count: rows picked by `label_map` (ints, or a file with one
-  int per line), e.g. a 1000-class checkpoint into a 200-class subset model.
+  int per line), e.g. a 1000-class checkpoint into a 200-class subset model;
+* without a label map and with `new_head=True` (fine-tuning), a classifier of another class count
+  is dropped and the model keeps the head it was built with (its own init); the report says so.
 Missing/unexpected keys are reported by name; in strict mode they are an error.
 """
 import argparse
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -37,15 +42,26 @@ class LoadReport:
     unexpected: List[str] = field(default_factory=list)
     resized: List[str] = field(default_factory=list)     # interpolated to the model's shape
     ignored: List[str] = field(default_factory=list)     # model-owned buffers / dropped heads
+    new_head: List[str] = field(default_factory=list)    # dropped: the model keeps its own init
+    head_classes: Optional[tuple] = None                 # (checkpoint, model) class counts of a new head
+    ema: bool = False                                    # the EMA weights were picked
     source: str = ""
 
     def __str__(self):
-        parts = [f"loaded {self.source}"]
-        for name in ("missing", "unexpected", "resized", "ignored"):
+        parts = [f"loaded {self.source}" + (" (EMA weights)" if self.ema else "")]
+        for name in ("missing", "unexpected", "resized", "ignored", "new_head"):
             keys = getattr(self, name)
             if keys:
                 parts.append(f"{name} ({len(keys)}): {', '.join(keys)}")
         return "; ".join(parts)
+
+    def head_line(self) -> str:
+        """One line for a run log about a replaced classifier ('' when the head was loaded)."""
+        if not self.new_head:
+            return ""
+        old, new = self.head_classes or ("?", "?")
+        return (f"new classifier: {', '.join(self.new_head)} of {self.source} dropped "
+                f"({old} -> {new} classes), re-initialised with the model's own init")
 
 
 def read_label_map(label_map: Union[str, os.PathLike, Sequence[int]]) -> List[int]:
@@ -78,24 +94,75 @@ def _strip_prefixes(sd: dict) -> dict:
     return out
 
 
-def extract_state_dict(obj, use_ema: bool = False, source: str = "checkpoint") -> dict:
-    """The model state dict inside a checkpoint container (or the bare dict itself)."""
+_EMA_KEYS = ("model_ema", "state_dict_ema")
+_MODEL_KEYS = ("model", "module", "state_dict")
+
+
+def _truthy(v) -> bool:
+    return v is True or (isinstance(v, str) and v.strip().lower() in ("1", "true", "yes"))
+
+
+def extract_state_dict(obj, use_ema: bool = False, source: str = "checkpoint", is_ema: bool = False) -> dict:
+    """The model state dict inside a checkpoint container (or the bare dict itself). `is_ema`:
+    the file as a whole is an EMA export (its metadata / sidecar says so)."""
     if not isinstance(obj, dict):
         raise CheckpointError(f"{source}: expected a state dict or a dict holding one, got {type(obj).__name__}")
+    inner = next((obj[k] for k in _MODEL_KEYS if isinstance(obj.get(k), dict)), obj)
+    ema_entry = next((obj[k] for k in _EMA_KEYS if isinstance(obj.get(k), dict)), None)
     if use_ema:
-        if not isinstance(obj.get("model_ema"), dict):
-            raise CheckpointError(f"{source}: use_ema=True but there is no 'model_ema' entry "
-                                  f"(top-level keys: {sorted(map(str, obj))[:10]})")
-        sd = obj["model_ema"]
+        if ema_entry is not None:
+            sd = ema_entry
+        elif is_ema or _truthy(obj.get("ema")):
+            sd = inner
+        else:
+            raise CheckpointError(
+                f"{source}: EMA weights asked for (use_ema / model.pretrained_ema) but the file holds none: "
+                f"no 'model_ema' / 'state_dict_ema' entry and not an EMA export "
+                f"(top-level keys: {sorted(map(str, obj))[:10]}); load its weights without EMA, or export "
+                f"the EMA with `stm-export --ema`")
     else:
-        sd = next((obj[k] for k in ("model", "module", "state_dict") if isinstance(obj.get(k), dict)), obj)
-        if sd is obj and isinstance(obj.get("model_ema"), dict):
-            raise CheckpointError(f"{source}: holds only 'model_ema' weights; pass use_ema=True to load them")
+        sd = inner
+        if sd is obj and ema_entry is not None:
+            raise CheckpointError(f"{source}: holds only EMA weights ('model_ema' / 'state_dict_ema'); "
+                                  "pass use_ema=True (model.pretrained_ema=true) to load them")
     bad = [k for k, v in sd.items() if not torch.is_tensor(v)]
     if bad:
         raise CheckpointError(f"{source}: not a state dict (non-tensor entries {bad[:5]}); expected a bare "
-                              "state dict or a dict with 'model' / 'module' / 'model_ema'")
+                              "state dict or a dict with 'model' / 'module' / 'state_dict' / 'model_ema'")
     return _strip_prefixes(sd)
+
+
+def _read_file(source: str):
+    """(checkpoint object, is an EMA export) of a .pth or .safetensors file."""
+    if not os.path.isfile(source):
+        raise FileNotFoundError(f"checkpoint not found: {source}")
+    is_ema = False
+    sidecar = source + ".json"  # stm-export's and the best checkpoints' description
+    if os.path.isfile(sidecar):
+        try:
+            with open(sidecar) as f:
+                is_ema = _truthy(json.load(f).get("ema"))
+        except (OSError, ValueError, AttributeError):
+            pass
+    with open(source, "rb") as f:
+        head = f.read(16)
+    # A safetensors file opens with an 8-byte header length and a JSON header: '{'.
+    if source.endswith(".safetensors") or (len(head) > 8 and head[8:9] == b"{"):
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(source, framework="pt", device="cpu") as f:
+                meta = f.metadata() or {}
+                obj = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{source}: cannot be read as a safetensors file: {e}") from e
+        return obj, is_ema or _truthy(meta.get("stm_dist.ema"))
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        try:
+            obj = torch.load(source, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - re-raised with the file named
+            raise CheckpointError(f"{source}: cannot be read as a torch checkpoint: {e}") from e
+    return obj, is_ema
 
 
 def _resize_rel_table(key, value, target):
@@ -155,25 +222,26 @@ def _convert(key, value, target, label_map, report):
 
 
 def load_pretrained(model: torch.nn.Module, path_or_state_dict, label_map=None, strict: bool = True,
-                    use_ema: bool = False) -> LoadReport:
-    """Load a checkpoint into `model` (see module doc); returns what was missing/resized/ignored."""
+                    use_ema: bool = False, new_head: bool = False) -> LoadReport:
+    """Load a checkpoint into `model` (see module doc); returns what was missing/resized/ignored.
+    `new_head=True` (fine-tuning): a classifier of another class count, and no label map, is
+    dropped and the model keeps its own freshly built head."""
+    is_ema = False
     if isinstance(path_or_state_dict, (str, os.PathLike)):
         source = os.fspath(path_or_state_dict)
-        if not os.path.isfile(source):
-            raise FileNotFoundError(f"checkpoint not found: {source}")
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            try:
-                obj = torch.load(source, map_location="cpu", weights_only=True)
-            except Exception as e:  # noqa: BLE001 - re-raised with the file named
-                raise CheckpointError(f"{source}: cannot be read as a torch checkpoint: {e}") from e
+        obj, is_ema = _read_file(source)
     else:
         source, obj = "state dict", path_or_state_dict
-    sd = extract_state_dict(obj, use_ema=use_ema, source=source)
+    sd = extract_state_dict(obj, use_ema=use_ema, source=source, is_ema=is_ema)
     label_map = read_label_map(label_map) if label_map is not None else None
 
-    report = LoadReport(source=source)
+    report = LoadReport(source=source, ema=use_ema)
     own = model.state_dict()
     features_only = getattr(model, "features_only", False)
+    drop_head = (new_head and label_map is None and "head.weight" in sd and "head.weight" in own
+                 and sd["head.weight"].shape != own["head.weight"].shape)
+    if drop_head:
+        report.head_classes = (int(sd["head.weight"].shape[0]), int(own["head.weight"].shape[0]))
     new = {}
     for key, value in sd.items():
         if any(b in key for b in _MODEL_OWN_BUFFERS):
@@ -183,9 +251,12 @@ def load_pretrained(model: torch.nn.Module, path_or_state_dict, label_map=None, 
                 report.ignored.append(key)
             else:
                 report.unexpected.append(key)
+        elif drop_head and key in _HEAD_KEYS:
+            report.new_head.append(key)
         else:
             new[key] = _convert(key, value, own[key], label_map, report)
-    report.missing = [k for k in own if k not in new and not any(b in k for b in _MODEL_OWN_BUFFERS)]
+    report.missing = [k for k in own if k not in new and k not in report.new_head
+                      and not any(b in k for b in _MODEL_OWN_BUFFERS)]
     if strict and (report.missing or report.unexpected):
         raise CheckpointError(f"{source} does not match {type(model).__name__} "
                               f"(missing {len(report.missing)}: {', '.join(report.missing[:20])}; "

@@ -50,3 +50,63 @@ def test_groups_feed_an_optimizer():
     opt = torch.optim.AdamW(groups, lr=1e-3)
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     opt.step()
+
+
+# ---------------------------------------------------------------- layer-wise lr decay
+import math  # noqa: E402
+
+import pytest  # noqa: E402
+import timm  # noqa: E402
+from timm.models._manipulate import group_parameters  # noqa: E402
+
+from stm_dist.models.param_groups import layer_ids, layer_scales  # noqa: E402
+
+
+@pytest.mark.parametrize("name", ["convnext_atto", "vit_tiny_patch16_224", "swin_tiny_patch4_window7_224",
+                                  "resnet18"])
+def test_layer_ids_number_like_timm(name):
+    # timm's own numbering is the contract: prefix ordinals, regex groups, suffixes,
+    # MATCH_PREV_GROUP merges, unmatched parameters last.
+    with torch.device("meta"):
+        model = timm.create_model(name)
+    assert layer_ids(model) == group_parameters(model, model.group_matcher(coarse=False), reverse=True)
+
+
+def test_layer_ids_of_a_unified_model():
+    with torch.device("meta"):
+        model = create_model("unified_convnext_micro", num_classes=5)
+    ids = layer_ids(model)
+    n = max(ids.values()) + 1
+    assert n == 1 + sum(model.depths) + 1  # stem, one layer per block, head
+    assert ids["downsample_layers.0.stem.0.weight"] == 0
+    assert ids["stages.0.0.dwconv.weight"] == 1 and ids["stages.3.2.dwconv.weight"] == n - 2
+    assert ids["head.weight"] == ids["conv_head.0.weight"] == n - 1
+    # A downsample joins the first block after it, a stage norm the last block before it.
+    assert ids["downsample_layers.1.reduction.0.weight"] == ids["stages.1.0.dwconv.weight"]
+    assert ids["stage_norms.0.weight"] == ids["stages.0.2.dwconv.weight"]
+
+
+def test_layer_decay_groups_scale_and_keep_the_decay_rule():
+    model = create_model("unified_swin_micro", num_classes=5)
+    groups = param_groups(model, weight_decay=0.05, layer_decay=0.75)
+    ids = layer_ids(model)
+    n = max(ids.values()) + 1
+    decay, no_decay = decay_split(model)
+    name_of = {id(p): k for k, p in model.named_parameters()}
+    seen = []
+    for g in groups:
+        names = [name_of[id(p)] for p in g["params"]]
+        seen += names
+        assert {ids[k] for k in names} == {g["layer_id"]}
+        assert math.isclose(g["lr_scale"], 0.75 ** (n - 1 - g["layer_id"]), rel_tol=1e-12)
+        assert set(names) <= set(decay if g["weight_decay"] > 0 else no_decay)
+        assert g["weight_decay"] in (0.0, 0.05)
+    assert sorted(seen) == sorted(decay + no_decay)
+    assert groups[0]["lr_scale"] == 0.75 ** (n - 1) and groups[-1]["lr_scale"] == 1.0
+    assert layer_scales(3, 0.5) == [0.25, 0.5, 1.0]
+    # Off: exactly the original's two groups.
+    assert [g["group_name"] for g in param_groups(model, 0.05)] == ["decay", "no_decay"]
+    with pytest.raises(ValueError, match=r"layer_decay must be in \(0, 1\]"):
+        param_groups(model, 0.05, layer_decay=1.5)
+    with pytest.raises(ValueError, match="no group_matcher"):
+        layer_ids(torch.nn.Linear(2, 2))

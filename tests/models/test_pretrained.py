@@ -135,3 +135,66 @@ def test_features_only_ignores_classifier_keys():
     report = load_pretrained(dst, src.state_dict())
     assert set(report.ignored) == {k for k in src.state_dict() if k.split(".")[0] in ("conv_head", "head")}
     assert _same(dst, dst) and torch.equal(dst.stage_norms[3].weight, src.stage_norms[3].weight)
+
+
+def test_new_head_drops_the_classifier_and_keeps_the_models_own():
+    src = _filled("unified_convnext_micro", num_classes=10)
+    torch.manual_seed(0)
+    fresh = create_model("unified_convnext_micro", num_classes=5)
+    torch.manual_seed(0)
+    dst = create_model("unified_convnext_micro", num_classes=5)
+    with pytest.raises(CheckpointError, match="label_map"):  # not asked for: still an error
+        load_pretrained(dst, src.state_dict())
+    report = load_pretrained(dst, src.state_dict(), new_head=True)
+    assert report.new_head == ["head.weight", "head.bias"] and report.head_classes == (10, 5)
+    assert "head.weight, head.bias" in report.head_line() and "10 -> 5 classes" in report.head_line()
+    assert torch.equal(dst.head.weight, fresh.head.weight) and torch.equal(dst.head.bias, fresh.head.bias)
+    sd = src.state_dict()
+    assert all(torch.equal(v, sd[k]) for k, v in dst.state_dict().items() if not k.startswith("head."))
+    # A label map still picks rows; a head of the same size loads as it is.
+    report = load_pretrained(dst, src.state_dict(), label_map=[0, 2, 4, 6, 8], new_head=True)
+    assert not report.new_head and torch.equal(dst.head.weight, src.head.weight[[0, 2, 4, 6, 8]])
+    same = create_model("unified_convnext_micro", num_classes=10)
+    assert not load_pretrained(same, src.state_dict(), new_head=True).new_head
+    assert torch.equal(same.head.weight, src.head.weight)
+    # Keys missing for other reasons stay an error naming them.
+    del sd["stages.1.0.dwconv.weight"]
+    with pytest.raises(CheckpointError, match=r"missing 1: stages\.1\.0\.dwconv\.weight"):
+        load_pretrained(dst, sd, new_head=True)
+
+
+def test_ema_pick_from_every_container_and_export(tmp_path):
+    from safetensors.torch import save_file
+
+    live, ema = _filled("unified_convnext_micro"), create_model("unified_convnext_micro")
+    dst = create_model("unified_convnext_micro")
+    # timm's training container
+    load_pretrained(dst, {"state_dict": live.state_dict(), "state_dict_ema": ema.state_dict()}, use_ema=True)
+    assert _same(ema, dst)
+    load_pretrained(dst, {"state_dict": live.state_dict(), "state_dict_ema": ema.state_dict()})
+    assert _same(live, dst)
+    # our EMA export: a bare state dict whose sidecar (or safetensors metadata) says ema
+    pth = tmp_path / "ema.pth"
+    torch.save(ema.state_dict(), pth)
+    (tmp_path / "ema.pth.json").write_text('{"model": "unified_convnext_micro", "ema": true}')
+    assert load_pretrained(dst, str(pth), use_ema=True).ema and _same(ema, dst)
+    st = tmp_path / "ema.safetensors"
+    save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(st),
+              metadata={"stm_dist.model": "unified_convnext_micro", "stm_dist.ema": "true",
+                        "stm_dist.pretrained_cfg": "{}"})
+    load_pretrained(dst, live.state_dict())
+    load_pretrained(dst, str(st), use_ema=True)
+    assert _same(ema, dst)
+    # a file without EMA weights: the error names the file
+    plain = tmp_path / "live.safetensors"
+    save_file({k: v.contiguous() for k, v in live.state_dict().items()}, str(plain))
+    load_pretrained(dst, str(plain))
+    assert _same(live, dst)
+    torch.save({"model": live.state_dict()}, tmp_path / "live.pth")
+    for path in (plain, tmp_path / "live.pth"):
+        with pytest.raises(CheckpointError, match=rf"{path.name}: EMA weights asked for .* holds none"):
+            load_pretrained(dst, str(path), use_ema=True)
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    with pytest.raises(CheckpointError, match="broken.safetensors: cannot be read as a safetensors file"):
+        load_pretrained(dst, str(bad))
