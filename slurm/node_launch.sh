@@ -42,4 +42,11 @@ while kill -0 "$launcher" 2>/dev/null; do
     wait "$launcher"
 done
 wait "$launcher"
-exit $?
+rc=$?
+# A TERM to every process ends DeepSpeed's runner at once, while the ranks it started are still
+# saving their checkpoint: wait for the launcher's whole process group before this node's task
+# ends (and with it, for slurm, the job).
+while kill -0 -- "-$launcher" 2>/dev/null; do
+    sleep 0.5
+done
+exit $rc

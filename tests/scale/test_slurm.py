@@ -1,7 +1,8 @@
 """A real one-node slurm: an array sweep of two tiny runs through slurm/sweep.sbatch, a
 preempted run (USR1 -> checkpoint -> requeue -> resume) through slurm/train.sbatch that must
 end exactly where the uninterrupted sweep run of the same recipe ended, and stm-report over the
-sweep's run directories."""
+sweep's run directories, and a TERM to the whole job (a preemption's first signal) that still
+ends with a complete checkpoint, a requeue and a resume."""
 from __future__ import annotations
 
 import json
@@ -141,6 +142,47 @@ def test_usr1_checkpoints_requeues_and_resumes_exactly(slurm, sweep_runs, tmp_pa
     assert losses == ref_losses
     assert evals[STEPS]["top1"] == ref_evals[STEPS]["top1"]
     assert evals[STEPS]["top1_ema"] == ref_evals[STEPS]["top1_ema"]
+
+
+def test_term_to_the_whole_job_ends_with_a_complete_checkpoint(slurm, digits_shards, tmp_path):
+    """What a preemption does first: TERM to every process of the job (batch script, launchers,
+    ranks). The ranks still agree on a step and save it completely before anything is killed;
+    the ranks' status 75 reaches the script, which requeues, and the requeued job resumes there
+    and finishes."""
+    run_dir = str(tmp_path / "termed")
+    steps = 30
+    args = ["--config", os.path.join(REPO, "configs", "demo_digits.yaml"), *tiny_overrides(digits_shards, steps),
+            f"run.out_dir={run_dir}"]
+    job = slurm.run(["sbatch", "--parsable", "--cpus-per-task=1", f"--output={tmp_path}/%x-%j.out",
+                     f"--chdir={tmp_path}", os.path.join(REPO, "slurm", "train.sbatch"), *args],
+                    env=_job_env(slurm)).stdout.strip()
+    out_file = f"{tmp_path}/stm-train-{job}.out"
+
+    def reached_step_2():
+        state = slurm.job_state(job)[0]["JobState"]
+        if state not in ("PENDING", "RUNNING", "CONFIGURING"):
+            raise AssertionError(f"job {job} ended ({state}) before it could be signalled:\n"
+                                 + (_slurm_output(out_file) if os.path.exists(out_file) else ""))
+        return os.path.exists(os.path.join(run_dir, "metrics.jsonl")) and len(read_metrics(run_dir)[0]) >= 2
+
+    wait_for(reached_step_2, 300, f"job {job} to run two steps", poll=0.5)
+    slurm.run(["scancel", "--signal=TERM", "--full", job])
+
+    state = _wait_jobs_done(slurm, job, 1, timeout=600)[0]
+    out = _slurm_output(out_file)
+    assert "TERM received" in out and "requeueing job" in out, out[-4000:]
+    assert state["Restarts"] == "1" and state["JobState"] == "COMPLETED", f"{state}\n{out[-4000:]}"
+    with open(os.path.join(run_dir, "train.log")) as f:
+        log = f.read()
+    stopped = re.search(r"stopping after step (\d+): SIG(TERM|USR1) received", log)
+    assert stopped, log[-3000:]
+    k = int(stopped.group(1))
+    assert 2 <= k < steps
+    with open(os.path.join(run_dir, "checkpoints", f"step{k:09d}", "COMPLETE")) as f:
+        marker = json.load(f)
+    assert marker["step"] == k and set(marker["sha256"]) == set(marker["files"])
+    assert f"resumed from {run_dir}/checkpoints/step{k:09d}" in log, log[-3000:]
+    assert sorted(read_metrics(run_dir)[0]) == list(range(1, steps + 1))
 
 
 # Parameters of the two micro models from spec §4 (1000 classes); our runs have a 10-class
