@@ -132,9 +132,12 @@ def _tags(ckpt_dir: str) -> list[str]:
                   if t.startswith("step") and t[4:].isdigit() and os.path.isdir(os.path.join(ckpt_dir, t)))
 
 
-def latest_complete(ckpt_dir: str, warn=print, verify: bool = False):
-    """The newest complete checkpoint as (tag, marker), or None. Skipped ones are reported."""
+def latest_complete(ckpt_dir: str, warn=print, verify: bool = False, before: str | None = None):
+    """The newest complete checkpoint (older than tag `before` when given) as (tag, marker), or
+    None. Skipped ones are reported."""
     for tag in reversed(_tags(ckpt_dir)):
+        if before is not None and tag >= before:
+            continue
         marker, reason = _check(os.path.join(ckpt_dir, tag), verify=verify)
         if marker is not None:
             return tag, marker
@@ -216,6 +219,25 @@ def move_aside(run_dir: str) -> str | None:
             os.replace(src, dst)
             moved = moved or dst
     return moved
+
+
+def readable(tag_dir: str, rank: int, world: int) -> str | None:
+    """Unpickle this rank's share of the checkpoint's files (every world-th one; tensors stay
+    memory-mapped, so this reads little): a corrupt file whose hash was never recorded is found
+    here, before DeepSpeed's loader, which can fail on one rank inside its collectives.
+    Returns a message naming the first unreadable file, or None."""
+    for i, rel in enumerate(_files(tag_dir)):
+        if i % world != rank or not rel.endswith(".pt"):
+            continue
+        path = os.path.join(tag_dir, rel)
+        try:
+            torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        except Exception:
+            try:  # not a zip-format file (older torch.save): only a full read can tell
+                torch.load(path, map_location="cpu", weights_only=False)
+            except Exception as e:
+                return f"file {rel} cannot be read ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+    return None
 
 
 def load_client(tag_dir: str, rank: int) -> dict:

@@ -3,6 +3,7 @@ the one resume decision for all ranks, the recipe guard, saving and loading the 
 The files themselves (markers, hashes, pruning, universal conversion) are checkpoint.py's."""
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -84,14 +85,105 @@ class RunCheckpoints:
         return tag
 
     def load(self, engine, state, load_dir: str, universal: bool, new_ema):
-        tag, marker = self.resume
-        tag_dir = os.path.join(self.src_dir, tag)
-        path, _ = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
-                                         load_lr_scheduler_states=False)
-        if path is None:
-            raise RuntimeError(f"DeepSpeed could not load checkpoint {os.path.join(load_dir, tag)}")
+        """Collective. A checkpoint that any rank fails to load (an unreadable file, an error
+        inside DeepSpeed's loader or in our state) is given up by every rank together, and the
+        previous complete one is loaded instead."""
+        while True:
+            tag, marker = self.resume
+            tag_dir = os.path.join(self.src_dir, tag)
+            errors = _gather(self._try_load(engine, state, load_dir, universal, tag, marker, new_ema))
+            failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+            if not failed:
+                break
+            config_errors = [e[1] for _, e in failed if e[0] == "config"]
+            if config_errors:  # the user's setting, not the files: an older checkpoint would not help
+                raise config_mod.ConfigError(config_errors[0])
+            rank, (_, why) = failed[0]
+            self.resume = self._previous(tag)
+            if self.resume is None:
+                raise RuntimeError(f"cannot load checkpoint {tag_dir}: {why} (rank {rank}); no earlier "
+                                   f"complete checkpoint in {self.src_dir} to fall back to")
+            self.log.info(f"cannot load checkpoint {tag_dir}: {why} (rank {rank}); falling back to "
+                          f"{os.path.join(self.src_dir, self.resume[0])}")
+            self._check_recipe(*self.resume)
+            load_dir, again_universal = self.prepare_load()
+            if again_universal != universal:  # DeepSpeed's load_universal is fixed when the engine is built
+                raise RuntimeError(f"cannot load checkpoint {tag_dir}: {why}; the previous one, "
+                                   f"{self.resume[0]}, was saved at another world size: restart to load it")
         saved_world = int(marker["world_size"])
-        clients = ckpt.load_all_clients(tag_dir, saved_world)
-        state.load_state_dict(clients, tag_dir, log=self.log.info, new_ema=new_ema)
         self.log.info(f"resumed from {tag_dir} at epoch {state.epoch}, step {state.step}"
                       + (f" (saved by {saved_world} processes, loaded via universal checkpoint)" if universal else ""))
+
+    def _try_load(self, engine, state, load_dir: str, universal: bool, tag: str, marker: dict, new_ema):
+        """None, or (kind, message) with kind 'config' (a setting) or 'files'."""
+        tag_dir = os.path.join(self.src_dir, tag)
+        why = ckpt.readable(tag_dir, self.rank, self.world)
+        if why is not None:
+            return "files", why
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
+        try:
+            path, _ = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
+                                             load_lr_scheduler_states=False)
+            if universal:
+                # DeepSpeed's ZeRO-3 universal loader gives every parameter group the settings of
+                # the saved group 0 (weight_decay, our lr_scale and decays flags), so norms and
+                # biases would be decayed after a world-size change; the groups are the recipe's.
+                for g, saved in zip(engine.optimizer.param_groups, groups):
+                    g.update(saved)
+        except Exception as e:
+            return "files", f"DeepSpeed's load_checkpoint failed ({type(e).__name__}: {' '.join(str(e).split())[:300]})"
+        if path is None:
+            return "files", f"DeepSpeed found nothing to load in {os.path.join(load_dir, tag)}"
+        try:
+            clients = ckpt.load_all_clients(tag_dir, int(marker["world_size"]))
+            state.load_state_dict(clients, tag_dir, log=self.log.info, new_ema=new_ema)
+        except config_mod.ConfigError as e:
+            return "config", str(e)
+        except Exception as e:
+            return "files", f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+        return None
+
+    def _previous(self, tag: str):
+        """Collective: rank 0's choice of the newest complete checkpoint older than `tag`."""
+        choice = [None]
+        if self.rank == 0:
+            choice = [ckpt.latest_complete(self.src_dir, warn=self.log.info, verify=True, before=tag)]
+        return _broadcast(choice)
+
+    def eval_recorded(self, step: int) -> bool:
+        """Collective: whether metrics.jsonl (rank 0's) already holds an evaluation at `step`."""
+        found = [False]
+        if self.rank == 0:
+            path = os.path.join(self.run_dir, "metrics.jsonl")
+            if os.path.exists(path):
+                with open(path) as f:
+                    for line in f:
+                        if line.endswith("\n") and '"eval"' in line:
+                            rec = json.loads(line)
+                            found[0] = found[0] or (rec.get("kind") == "eval" and rec.get("step") == step)
+        return bool(_broadcast(found))
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _broadcast(value: list):
+    if _distributed():
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(value, src=0)
+    return value[0]
+
+
+def _gather(value) -> list:
+    """Every rank's `value`, in rank order."""
+    if not _distributed():
+        return [value]
+    import torch.distributed as dist
+
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out

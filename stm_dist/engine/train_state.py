@@ -45,6 +45,9 @@ class TrainState:
         self.feed, self.ema, self.runner = feed, ema, runner
         self.seed, self.rank, self.world = seed, rank, world
         self.step = self.epoch = self.step_in_epoch = 0
+        # The epoch whose evaluation had not finished when this state was saved (the epoch-end
+        # checkpoint is written before its evaluation); a resume runs it first.
+        self.eval_pending = None
         # Best validation top-1 so far, {'top1': .., 'top1_ema': ..} (run_eval.BestCheckpoints).
         self.best = {}
 
@@ -55,6 +58,7 @@ class TrainState:
             "rng": rng_state(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "runner": self.runner.state_dict(),
+            "eval_pending": self.eval_pending,
             "best": dict(self.best),
         }
 
@@ -73,6 +77,7 @@ class TrainState:
             else:
                 self.ema.load_state_dict(states)
         self.runner.load_state_dict(mine.get("runner") or {})
+        self.eval_pending = mine.get("eval_pending")
         self.best = dict(mine.get("best") or {})
         if saved_world == self.world:
             set_rng_state(mine["rng"])

@@ -24,7 +24,7 @@ from .run_log import RunLog
 from .schedule import Schedules, steps_per_epoch
 from .step import StepRunner, configure_cuda_speed, soft_target_cross_entropy  # noqa: F401
 from .step_meter import StepMeter
-from .train_state import TrainState, seed_all
+from .train_state import TrainState, rng_state, seed_all, set_rng_state
 
 
 INPUT_BOUND = 0.2  # share of a log interval spent in feed.next_step() above which the log says so
@@ -117,17 +117,36 @@ class Trainer:
 
     def evaluate(self) -> dict:
         results = {"kind": "eval", "step": self.step, "epoch": self.epoch}
+        # Building the evaluation copies draws random initial weights: keep the training streams
+        # as they were, so whether an evaluation runs (or is re-run after a resume) cannot
+        # change the training that follows.
+        saved_rng = rng_state()
         if getattr(self, "_best", None) is None:  # the step this start began at: see BestCheckpoints
             self._best = BestCheckpoints(self.run_dir, self.rank, self.cfg.model.name, self.state,
                                          getattr(self, "_first_step", self.step), self.log.info)
         results.update(evaluate_run(self.cfg, self.engine.module, self.zero_stage, self.ema, self.rank,
                                     self.world, self.device, self.accel == "cuda", step=self.step,
                                     epoch=self.epoch, best=self._best))
+        set_rng_state(saved_rng)
         self.log.eval(results)
         if self.cfg.optim.layer_decay is not None:  # the lr each group trained with at this step
             self.log.record({"kind": "lr_groups", "step": self.step, "groups": lr_groups(self.optimizer)})
         self._last_eval = self.step
+        self.state.eval_pending = None
         return results
+
+    def _run_pending_eval(self):
+        """After a resume: the evaluation the saved checkpoint was written before, unless the
+        killed run finished it (metrics.jsonl has it), so the metrics show it once."""
+        epoch = self.state.eval_pending
+        if self.ckpts.eval_recorded(self.step):
+            self.log.info(f"evaluation of epoch {epoch} (step {self.step}) is already in metrics.jsonl")
+            self._last_eval = self.step
+            self.state.eval_pending = None
+        else:
+            self.log.info(f"evaluation pending for epoch {epoch} (step {self.step}): the run stopped "
+                          f"before it finished; running it now")
+            self.evaluate()
 
     # ---------------------------------------------------------------- the loop
     def _one_step(self):
@@ -179,46 +198,63 @@ class Trainer:
                       f"ETA {eta / 60:.1f} min{bound}")
         return stop
 
+    def _preempted(self) -> int:
+        self.log.info(f"stopping after step {self.step}: {preemption.received() or 'another rank'}"
+                      f" received; checkpoint {ckpt.tag_for(self.step)} holds the run, exit "
+                      f"{preemption.EXIT_PREEMPTED} (restart with the same run dir to resume)")
+        self.log.close()
+        return preemption.EXIT_PREEMPTED
+
     def train(self) -> int:
         cfg, every = self.cfg, self.cfg.checkpoint.every_steps
         self.log.start_progress(self.total_steps, self.step)
         self.engine.train()
         self._t_start, self._first_step = time.time(), self.step
         last_saved = self.step if self.resume else -1
+        if self.state.eval_pending is not None:
+            self._run_pending_eval()
         try:
             while self.step < self.total_steps:
                 if self.step_in_epoch == 0:
                     self.feed.set_epoch(self.epoch)
+                stop = False
                 while self.step_in_epoch < self.iters_per_epoch and self.step < self.total_steps:
                     self._one_step()
                     stop = False
                     if self.meter.full or self.step == 1 or self.step == self.total_steps:
                         stop = self._flush()
-                    if every and self.step % every == 0 and self.step < self.total_steps:
+                    # An epoch's last step is saved below, after the epoch is closed (the data
+                    # position is then in the next epoch, and an evaluation due is recorded).
+                    if (every and self.step % every == 0 and self.step < self.total_steps
+                            and self.step_in_epoch < self.iters_per_epoch):
                         self.save()
                         last_saved = self.step
-                    if stop and self.step < self.total_steps:
+                    if stop and self.step < self.total_steps and self.step_in_epoch < self.iters_per_epoch:
                         if last_saved != self.step:
                             self.save()
-                        self.log.info(f"stopping after step {self.step}: {preemption.received() or 'another rank'}"
-                                      f" received; checkpoint {ckpt.tag_for(self.step)} holds the run, exit "
-                                      f"{preemption.EXIT_PREEMPTED} (restart with the same run dir to resume)")
-                        self.log.close()
-                        return preemption.EXIT_PREEMPTED
+                        return self._preempted()
                 if self.step_in_epoch >= self.iters_per_epoch:
                     self.feed.end_epoch()
-                    self._flush()
+                    stop = self._flush() or stop
                     epoch_done = self.epoch
                     self.epoch += 1
                     self.step_in_epoch = 0
                     ep_every = cfg.checkpoint.every_epochs
-                    if ep_every and self.epoch % ep_every == 0 and last_saved != self.step:
+                    eval_due = cfg.data.val_shards and (epoch_done + 1) % cfg.train.eval_every_epochs == 0
+                    if eval_due:  # a checkpoint written now records that this evaluation has not run
+                        self.state.eval_pending = epoch_done
+                    save_due = (ep_every and self.epoch % ep_every == 0) or (every and self.step % every == 0)
+                    if (save_due or stop) and last_saved != self.step:
                         self.save()
                         last_saved = self.step
-                    if cfg.data.val_shards and (epoch_done + 1) % cfg.train.eval_every_epochs == 0:
+                    if stop and self.step < self.total_steps:  # its evaluation stays pending
+                        return self._preempted()
+                    if eval_due:
                         self.evaluate()
             self._flush()
             if last_saved != self.step:
+                if cfg.data.val_shards and self._last_eval != self.step:
+                    self.state.eval_pending = self.epoch - 1 if self.step_in_epoch == 0 else self.epoch
                 self.save()
             if cfg.data.val_shards and self._last_eval != self.step:
                 self.evaluate()
