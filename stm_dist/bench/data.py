@@ -77,21 +77,42 @@ def _cpu_seconds() -> float:
     return total
 
 
+def _epoch_startup(loader, pause: float, sync) -> float:
+    """Extra wait for an epoch's first batch when the consumer was busy for ``pause`` seconds
+    before it (as a training step is), over the wait after the same pause in mid-epoch. With the
+    batches prefetched during the pause both are ~0; an epoch that rebuilds or restarts its
+    pipeline pays that on top. Load-insensitive where the raw wait between batches is not."""
+    time.sleep(pause)
+    it = iter(loader)  # the loader stands at an epoch's end: this is the next epoch
+    t = time.perf_counter()
+    x, _ = next(it)
+    sync(x)
+    at_start = time.perf_counter() - t
+    next(it)
+    time.sleep(pause)
+    t = time.perf_counter()
+    x, _ = next(it)
+    sync(x)
+    mid = time.perf_counter() - t
+    for _ in it:  # to the epoch's end again
+        pass
+    return at_start - mid
+
+
 def _rate(make, seconds: float, sync) -> dict:
     """Whole epochs until ``seconds`` of steady state (and at least 2 epochs) have been timed.
 
     ``build_s``: from building the loader to its first batch (DALI traces and builds its graph,
-    PIL forks its workers), once per run, not counted in the rate. ``epoch_startup_s``: how much
-    longer the first batch of each later epoch took than a steady batch (median over epochs):
-    what every epoch costs on top of its images."""
+    PIL forks its workers), once per run, not counted in the rate. ``epoch_startup_s``: what
+    each later epoch costs on top of its images (`_epoch_startup`, mean of two probes)."""
     t0 = time.perf_counter()
     loader = make()
     build = None
     images, timed, cpu, epochs = 0, 0.0, 0.0, 0
-    firsts, steady = [], []
+    steady = []
     while timed < seconds or epochs < 2:
         start, cpu0 = time.perf_counter(), _cpu_seconds()
-        last, n = start, 0
+        last = start
         for x, _ in loader:
             sync(x)
             now = time.perf_counter()
@@ -99,20 +120,19 @@ def _rate(make, seconds: float, sync) -> dict:
                 build = now - t0
                 start, cpu0, last = now, _cpu_seconds(), now
                 continue
-            (firsts if n == 0 and epochs > 0 else steady).append(now - last)
-            last, n = now, n + 1
+            steady.append(now - last)
+            last = now
             images += x.shape[0]
         timed += last - start
         cpu += _cpu_seconds() - cpu0
         epochs += 1
+    steady.sort()
+    median = steady[len(steady) // 2]
+    startup = sum(_epoch_startup(loader, 3 * median, sync) for _ in range(2)) / 2
     if hasattr(loader, "close"):
         loader.close()  # the PIL workers stop now, not when the garbage collector gets to them
-    steady.sort()
-    firsts.sort()
-    median = steady[len(steady) // 2]
     return {"img_per_s": images / timed, "cpu_ms_per_img": 1000 * cpu / images, "images": images,
-            "seconds": timed, "build_s": build, "epoch_startup_s": max(0.0, firsts[len(firsts) // 2] - median),
-            "batch_s": median, "epochs": epochs}
+            "seconds": timed, "build_s": build, "epoch_startup_s": startup, "batch_s": median, "epochs": epochs}
 
 
 def _median_run(rs: list[dict]) -> dict:

@@ -6,7 +6,7 @@ Contract (stable; the engine builds against it)::
 
     build_train_loader(shard_dir, batch_size, *, rank=0, world_size=1, accum=1, seed=0, img_size=224,
                        device="cpu", num_threads=2, randaug=True, backend="dali",
-                       dont_use_mmap=False) -> TrainLoader
+                       dont_use_mmap=False, source_workers=0) -> TrainLoader
         follows the epoch plan (epoch_plan.py) of global batch G = batch_size * world_size * accum:
         rank r reads micro-batches r*accum .. r*accum+accum-1 of every global batch
         len(loader)            steps per epoch = num_samples // G, the same on every rank (drop_last)
@@ -33,6 +33,8 @@ Contract (stable; the engine builds against it)::
 Shards of split ``train`` are ``{shard_dir}/train-*.tar`` (+ ``.idx``), listed in ``train.json``.
 ``device`` is "cpu" or "cuda": with DALI, "cuda" decodes on the GPU (nvJPEG, ``mixed``).
 ``dont_use_mmap``: read the tars with plain reads instead of mapping them (network file systems).
+``source_workers`` (DALI): processes that read the samples and draw their random choices
+(``external_source(parallel=True)``); 0 = in the calling thread, ahead of use.
 """
 from __future__ import annotations
 
@@ -49,16 +51,20 @@ def _check_backend(backend: str):
 
 
 def build_train_loader(shard_dir, batch_size, *, rank=0, world_size=1, accum=1, seed=0, img_size=224, device="cpu",
-                       num_threads=2, randaug=True, backend="dali", split="train", dont_use_mmap=False):
+                       num_threads=2, randaug=True, backend="dali", split="train", dont_use_mmap=False,
+                       source_workers=0):
     _check_backend(backend)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    kw = {}
     if backend == "dali":
         from stm_dist.data.dali_loader import DaliTrainLoader as cls
+
+        kw["source_workers"] = source_workers
     else:
         from stm_dist.data.pil_reader import PilTrainLoader as cls
     return cls(shard_dir, batch_size, rank=rank, world_size=world_size, accum=accum, seed=seed, img_size=img_size,
-               device=device, num_threads=num_threads, randaug=randaug, split=split, dont_use_mmap=dont_use_mmap)
+               device=device, num_threads=num_threads, randaug=randaug, split=split, dont_use_mmap=dont_use_mmap, **kw)
 
 
 def build_val_loader(shard_dir, batch_size, *, rank=0, world_size=1, img_size=224, crop_pct=0.875, device="cpu",

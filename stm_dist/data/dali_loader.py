@@ -57,9 +57,10 @@ class DaliTrainLoader(PlanTrainLoader):
 
     backend = "dali"
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, source_workers=0, **kwargs):
         super().__init__(*args, **kwargs)
         self._dali_device, self._device_id = _dali_device(self.device)
+        self.source_workers = source_workers
         self._it = None
 
     def describe(self) -> dict:
@@ -78,9 +79,12 @@ class DaliTrainLoader(PlanTrainLoader):
                             accum=self.accum, micro_batch=self.batch_size, epoch=self.epoch, step=self.step,
                             micro=self.micro, randaug=self.randaug)
         with _quiet_dali_aliases():
+            # source_workers > 0: the callback (reads, host-drawn choices) runs in that many
+            # processes instead of the training loop's thread; spawned, since CUDA may be up.
+            par = dict(py_num_workers=self.source_workers, py_start_method="spawn") if self.source_workers else {}
             pipe = train_pipeline(source, img_size=self.img_size, device=self._dali_device, randaug=self.randaug,
-                                  batch_size=self.batch_size, num_threads=self.num_threads,
-                                  device_id=self._device_id, seed=0)
+                                  parallel=bool(self.source_workers), batch_size=self.batch_size,
+                                  num_threads=self.num_threads, device_id=self._device_id, seed=0, **par)
             pipe.build()
             self._it = _iterator(pipe, "FILL", reader_name=None)
 

@@ -36,7 +36,7 @@ def _labels(cls):
 
 
 @pipeline_def(enable_conditionals=True)
-def train_pipeline(source, *, img_size, device, randaug):
+def train_pipeline(source, *, img_size, device, randaug, parallel=False):
     """One pipeline for the whole run: `source` (plan_source.PlanSource) supplies each sample's
     bytes, label and random choices; nothing here draws random numbers."""
     from nvidia.dali.auto_aug.core import signed_bin
@@ -45,7 +45,7 @@ def train_pipeline(source, *, img_size, device, randaug):
 
     dtypes = [types.UINT8, types.INT64, types.FLOAT, types.FLOAT, types.INT32] + [types.INT32] * (3 if randaug else 0)
     jpg, labels, anchor, shape, flip, *ra = fn.external_source(source=source, num_outputs=len(dtypes), batch=True,
-                                                                parallel=False, dtype=dtypes)
+                                                                parallel=parallel, batch_info=parallel, dtype=dtypes)
     # Decoding only the crop window saves most of the decode work on large images.
     images = fn.decoders.image_slice(jpg, anchor, shape, normalized_anchor=False, normalized_shape=False,
                                      axis_names="WH", **_decoder_args(device))

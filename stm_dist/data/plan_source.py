@@ -88,19 +88,27 @@ class PlanSource:
                  randaug=True):
         self.table, self.plan, self.reader, self.randaug = table, plan, reader, randaug
         self.rank, self.accum, self.mb = rank, accum, micro_batch
-        self.epoch, self.step, self.micro = epoch, step, micro
+        # This rank's micro-batch number (over the whole run) where the stream starts.
+        self.start = (epoch * plan.steps + step) * accum + micro
+        self.calls = 0
 
-    def _next_indices(self):
-        if self.step >= self.plan.steps:
-            self.epoch, self.step, self.micro = self.epoch + 1, 0, 0
-        out = (self.epoch, self.plan.micro(self.epoch, self.step, self.rank * self.accum + self.micro, self.mb))
-        self.micro += 1
-        if self.micro == self.accum:
-            self.micro, self.step = 0, self.step + 1
-        return out
+    def position(self, n: int) -> tuple[int, int, int]:
+        """(epoch, step, micro) of the stream's n-th micro-batch."""
+        q = self.start + n
+        step, micro = divmod(q, self.accum)
+        epoch, step = divmod(step, self.plan.steps)
+        return epoch, step, micro
 
-    def __call__(self):
-        epoch, indices = self._next_indices()
+    def __call__(self, info=None):
+        # DALI passes the batch number (an int, or BatchInfo with batch_info=True): with parallel
+        # workers calls come out of order, in several processes, so the position derives from it.
+        if info is None:
+            n = self.calls
+        else:
+            n = info if isinstance(info, int) else info.iteration
+        self.calls += 1
+        epoch, step, micro = self.position(n)
+        indices = self.plan.micro(epoch, step, self.rank * self.accum + micro, self.mb)
         t, mb = self.table, self.mb
         jpgs, labels = [], np.empty(mb, np.int64)
         anchor, shape = np.empty((mb, 2), np.float32), np.empty((mb, 2), np.float32)

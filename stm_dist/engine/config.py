@@ -57,6 +57,8 @@ class DataConfig:
     dont_use_mmap: bool = False
     # Each rank appends the sample keys of its micro-batches to <run_dir>/sample_keys_rank<r>.jsonl.
     record_keys: bool = False
+    # DALI: processes that read the samples for the pipeline (0 = the training process itself).
+    source_workers: int = 0
 
 
 @dataclass
@@ -322,6 +324,7 @@ def validate(cfg: ExperimentConfig, source: str = "<config>"):
         need(v >= 0, f"augment.{key}", f"(a Beta alpha; 0 = off) must be >= 0, got {v}")
     need(0.0 < d.crop_pct <= 1.0, "data.crop_pct", f"must be in (0, 1], got {d.crop_pct}")
     need(d.num_threads >= 1, "data.num_threads", f"must be >= 1, got {d.num_threads}")
+    need(d.source_workers >= 0, "data.source_workers", f"must be >= 0, got {d.source_workers}")
     need(d.eval_batch >= 1, "data.eval_batch", f"must be >= 1, got {d.eval_batch}")
     need(m.num_classes >= 1, "model.num_classes", f"must be >= 1, got {m.num_classes}")
     need(m.img_size > 0, "model.img_size", f"must be > 0, got {m.img_size}")

@@ -40,7 +40,8 @@ class DataFeed:
         self.loader = build_train_loader(d.train_shards, t.micro_batch, rank=rank, world_size=world, accum=accum,
                                          seed=t.seed, img_size=cfg.model.img_size, device=device,
                                          num_threads=d.num_threads, randaug=d.randaug, backend=d.backend,
-                                         dont_use_mmap=d.dont_use_mmap)
+                                         dont_use_mmap=d.dont_use_mmap,
+                                         source_workers=d.source_workers if d.backend == "dali" else 0)
         self._keys_file = None
         if getattr(d, "record_keys", False):
             run_dir = run_dir or cfg.run.out_dir

@@ -246,3 +246,15 @@ def test_uneven_slices_same_steps_no_repeats(unique_shards):
         ranks = _epoch_labels(loaders, epoch)
         flat = sum(ranks, [])
         assert len(flat) == 20 and len(set(flat)) == 20, (epoch, ranks)
+
+
+def test_parallel_source_workers_serve_the_same_stream(unique_shards):
+    # DALI's parallel external_source calls the plan callback out of order in spawned processes;
+    # the stream must be the in-process one, across an epoch end (3 steps per epoch here).
+    kw = dict(rank=1, world_size=2, accum=2, seed=3, img_size=32, randaug=False, num_threads=1)
+    a = build_train_loader(unique_shards, 2, **kw)
+    b = build_train_loader(unique_shards, 2, source_workers=2, **kw)
+    for step in range(5):
+        for (xa, ya), (xb, yb) in zip(a.next_step(), b.next_step()):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb), step
+    assert b.epoch == 1
