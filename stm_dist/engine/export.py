@@ -98,7 +98,10 @@ def pretrained_cfg(name: str, sd: dict, run_cfg: dict) -> dict:
     elif model.get("num_classes"):
         cfg["num_classes"] = int(model["num_classes"])
     if model.get("img_size"):
-        cfg["input_size"] = (3, int(model["img_size"]), int(model["img_size"]))
+        size = int(model["img_size"])
+        cfg["input_size"] = (3, size, size)
+        if "pool_size" in cfg:  # the last stage's map: stride 32
+            cfg["pool_size"] = (max(1, size // 32), max(1, size // 32))
     cfg.setdefault("input_size", (3, 224, 224))
     if data.get("crop_pct"):
         cfg["crop_pct"] = float(data["crop_pct"])

@@ -75,6 +75,7 @@ def test_both_files_say_what_they_hold(exports, run_dir):
         # The run's class count, input size and crop, not the 1000-class 224-px defaults.
         assert cfg["num_classes"] == 10 and list(cfg["input_size"]) == [3, 32, 32], cfg
         assert cfg["crop_pct"] == 0.875 and len(cfg["mean"]) == 3 and "url" not in cfg, cfg
+        assert cfg["interpolation"] == "bicubic" and list(cfg.get("pool_size", [1, 1])) == [1, 1], cfg
         with open(path + ".json") as f:
             assert json.load(f) == dict(info, format=suffix)
     from safetensors import safe_open
