@@ -18,12 +18,11 @@ FILES = ("erf.json", "robustness.json")
 
 def _title(model: str) -> str:
     ms = paper.mixer_and_size(model)
-    return f"{paper.MIXER_TITLES[ms[0]]} {ms[1]}" if ms else model
+    return f"{paper.mixer_title(ms[0])} {ms[1]}" if ms else model
 
 
 def _order(model: str):
-    ms = paper.mixer_and_size(model)
-    return (paper.SIZES.index(ms[1]), paper.MIXERS.index(ms[0]), model) if ms else (99, 99, model)
+    return paper.order_key(model)
 
 
 def collect_analyses(root: str) -> dict:

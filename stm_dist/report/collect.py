@@ -165,6 +165,7 @@ def summarize(run_dir: str, root: str, count_complexity: bool = True) -> RunSumm
     speeds = [r["img_s"] for r in train.values() if r.get("img_s")]
     params = gflops = None
     if count_complexity:
+        _load_mixer(cfg, cfg_path)
         params, gflops = _complexity(model, num_classes, cfg_path)
     marker = _newest_marker(run_dir)
     ms = paper.mixer_and_size(model)
@@ -184,6 +185,18 @@ def summarize(run_dir: str, root: str, count_complexity: bool = True) -> RunSumm
         precision=marker.get("precision"), dataset=dataset, imagenet1k=in1k,
         paper_top1=paper.paper_top1(model) if in1k else None,
     )
+
+
+def _load_mixer(cfg: dict, where: str) -> None:
+    """A run of a mixer of one's own names its file (model.mixer_module): load it to count."""
+    spec = (cfg.get("model") or {}).get("mixer_module")
+    if spec:
+        from stm_dist.models.registry import MixerError, load_mixer_module
+
+        try:
+            load_mixer_module(str(spec), source=f"{where}: model.mixer_module")
+        except MixerError as e:
+            raise ReportError(str(e)) from None
 
 
 def _complexity(model: str, num_classes: int, where: str):

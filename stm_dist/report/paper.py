@@ -23,14 +23,41 @@ PAPER_TOP1 = {
 }
 
 _NAME = re.compile(r"^unified_(halo|pvt|swin|convnext|dcn_v3)_(micro|tiny|small|base)$")
+# Any registered mixer's model (stm_dist.models.register_mixer): unified_<mixer>_<size>, where a
+# size has no '_'. Read from the name, so a report needs no mixer file loaded.
+_ANY = re.compile(r"^unified_([a-z][a-z0-9_]*[a-z0-9])_([a-z0-9]+)$")
+_ALIASES = {"halonet": "halo", "internimage": "dcn_v3"}  # the release files' mixer names
 
 
 def mixer_and_size(model_name: str) -> tuple[str, str] | None:
-    """('swin', 'tiny') for 'unified_swin_tiny'; None for models outside the paper's table."""
-    m = _NAME.match(model_name)
-    return (m.group(1), m.group(2)) if m else None
+    """('swin', 'tiny') for 'unified_swin_tiny', ('pool', 'micro') for a registered mixer's
+    'unified_pool_micro'; None for names outside the unified_<mixer>_<size> scheme."""
+    m = _NAME.match(model_name) or _ANY.match(model_name)
+    return (_ALIASES.get(m.group(1), m.group(1)), m.group(2)) if m else None
+
+
+def in_paper(model_name: str) -> bool:
+    """One of the paper's 20 models (5 mixers x 4 sizes)."""
+    key = mixer_and_size(model_name)
+    return key is not None and (key[1], key[0]) in PAPER_TOP1
+
+
+def mixer_title(mixer: str) -> str:
+    """'U-Swin' for the paper's mixers; a registered mixer is labelled by its own name."""
+    return MIXER_TITLES.get(mixer, mixer)
+
+
+def order_key(model_name: str) -> tuple:
+    """Sizes in the paper's order, mixers in its order, registered mixers after them."""
+    key = mixer_and_size(model_name)
+    if key is None:
+        return (99, 99, "", model_name)
+    mixer, size = key
+    size_i = SIZES.index(size) if size in SIZES else len(SIZES)
+    mixer_i = MIXERS.index(mixer) if mixer in MIXERS else len(MIXERS)
+    return (size_i, mixer_i, mixer, model_name)
 
 
 def paper_top1(model_name: str) -> float | None:
     key = mixer_and_size(model_name)
-    return PAPER_TOP1[(key[1], key[0])] if key else None
+    return PAPER_TOP1.get((key[1], key[0])) if key else None

@@ -25,7 +25,7 @@ def _group(runs: list[RunSummary]) -> dict[str, list[RunSummary]]:
     one_dataset = len({r.dataset for r in runs}) == 1  # then the axes title names it, once
     groups: dict[str, list[RunSummary]] = {}
     for r in runs:
-        title = paper.MIXER_TITLES.get(r.mixer, r.model)
+        title = paper.mixer_title(r.mixer) if r.mixer else r.model
         groups.setdefault(title if one_dataset else f"{title} [{r.dataset}]", []).append(r)
     return groups
 
@@ -68,7 +68,7 @@ def _top1_vs(runs: list[RunSummary], attr: str, xlabel: str, path: str, scale: f
 def _throughput(runs: list[RunSummary], path: str):
     plt = _plt()
     fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
-    bars = [(paper.MIXER_TITLES.get(r.mixer, r.model), r.size or "", r.img_s) for r in runs
+    bars = [(paper.mixer_title(r.mixer) if r.mixer else r.model, r.size or "", r.img_s) for r in runs
             if r.img_s is not None]
     order = {s: i for i, s in enumerate(paper.SIZES)}
     bars.sort(key=lambda b: (b[0], order.get(b[1], 99)))

@@ -15,6 +15,7 @@ DASH = "–"
 RUN_COLUMNS = [
     ("run", "name", "{}"),
     ("model", "model", "{}"),
+    ("mixer", lambda r: paper.mixer_title(r.mixer) if r.mixer else None, "{}"),
     ("data", "dataset", "{}"),
     ("status", "status", "{}"),
     ("steps", "steps", "{}"),
@@ -43,23 +44,28 @@ def _value(run: RunSummary, attr):
 
 def paper_table(runs: list[RunSummary]) -> list[str]:
     """Rows = sizes, columns = mixers, as in the paper; only ImageNet-1k runs sit next to its
-    numbers. When a cell has several runs (a grid sweep), the best one is shown and the count noted."""
+    numbers. When a cell has several runs (a grid sweep), the best one is shown and the count noted.
+    Mixers and sizes outside the paper's (register_mixer) get their own columns / rows, with
+    no published number."""
     cells: dict[tuple, list[RunSummary]] = {}
     for r in runs:
         if r.mixer and r.imagenet1k:
             cells.setdefault((r.size, r.mixer), []).append(r)
-    lines = ["| size | " + " | ".join(paper.MIXER_TITLES[m] for m in paper.MIXERS) + " |",
-             "|---|" + "---|" * len(paper.MIXERS)]
-    for size in paper.SIZES:
+    extra_mixers = sorted({m for _, m in cells} - set(paper.MIXERS))
+    extra_sizes = sorted({s for s, _ in cells} - set(paper.SIZES))
+    mixers, sizes = [*paper.MIXERS, *extra_mixers], [*paper.SIZES, *extra_sizes]
+    lines = ["| size | " + " | ".join(paper.mixer_title(m) for m in mixers) + " |",
+             "|---|" + "---|" * len(mixers)]
+    for size in sizes:
         row = []
-        for mixer in paper.MIXERS:
+        for mixer in mixers:
             here = cells.get((size, mixer), [])
             scored = [r.best_any_top1 for r in here if r.best_any_top1 is not None]
             ours = _fmt(max(scored) if scored else None, "{:.2f}")
             if len(here) > 1:
                 ours += f" ({len(here)} runs)"
-            row.append(f"{ours} / {paper.PAPER_TOP1[(size, mixer)]:.1f}")
-        lines.append(f"| {paper.SIZE_TITLES[size]} | " + " | ".join(row) + " |")
+            row.append(f"{ours} / {_fmt(paper.PAPER_TOP1.get((size, mixer)), '{:.1f}')}")
+        lines.append(f"| {paper.SIZE_TITLES.get(size, size)} | " + " | ".join(row) + " |")
     return lines
 
 
