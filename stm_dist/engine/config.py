@@ -328,6 +328,8 @@ def validate(cfg: ExperimentConfig, source: str = "<config>"):
     need(d.eval_batch >= 1, "data.eval_batch", f"must be >= 1, got {d.eval_batch}")
     need(m.num_classes >= 1, "model.num_classes", f"must be >= 1, got {m.num_classes}")
     need(m.img_size > 0, "model.img_size", f"must be > 0, got {m.img_size}")
+    need(not m.pretrained_ema or m.pretrained, "model.pretrained_ema",
+         "is true but model.pretrained names no file: set model.pretrained=PATH or drop pretrained_ema")
     need(m.drop_path_rate is None or 0.0 <= m.drop_path_rate < 1.0, "model.drop_path_rate",
          f"must be in [0, 1), got {m.drop_path_rate}")
     need(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1, got {cfg.checkpoint.keep_last}")

@@ -33,7 +33,7 @@ def _start(module, *args, log):
                             stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
 
-def _wait(p, log, timeout=400):
+def _wait(p, log, timeout=600):
     code = p.wait(timeout=timeout)
     with open(log) as f:
         text = f.read()
@@ -125,12 +125,14 @@ def test_finetune_new_head_layer_decay_beats_scratch_and_keeps_best(digits_shard
     assert not [f for f in os.listdir(ft / "checkpoints") if f.startswith("best")]
 
 
-def test_layer_decay_range_names_the_key():
+def test_finetune_keys_are_validated_naming_the_key():
     for bad in (0, 1.5, -0.2):
         with pytest.raises(ConfigError, match=r"'optim.layer_decay' must be in \(0, 1\]"):
             from_dict({"optim": {"layer_decay": bad}})
     assert from_dict({"optim": {"layer_decay": 1}}).optim.layer_decay == 1.0
-    assert from_dict({"model": {"pretrained_ema": True}}).model.pretrained_ema is True
+    assert from_dict({"model": {"pretrained": "w.pth", "pretrained_ema": True}}).model.pretrained_ema is True
+    with pytest.raises(ConfigError, match="'model.pretrained_ema' is true but model.pretrained names no file"):
+        from_dict({"model": {"pretrained_ema": True}})
 
 
 def test_best_checkpoints_keep_only_improvements_and_this_runs_history(tmp_path):
@@ -156,3 +158,25 @@ def test_best_checkpoints_keep_only_improvements_and_this_runs_history(tmp_path)
     # one that resumed at step 20 discards the step-30 best as another history's.
     assert BestCheckpoints(str(tmp_path), 0, "m", SimpleNamespace(best={}), 30).state.best == {"top1": 60.0}
     assert BestCheckpoints(str(tmp_path), 0, "m", SimpleNamespace(best={}), 20).state.best == {}
+
+
+@pytest.mark.slow
+def test_resumed_run_knows_the_best_so_far(digits_shards, tmp_path):
+    # The final checkpoint is written before the final evaluation: the restart learns that
+    # evaluation's top-1 from best.pth.json (its step is the one it resumes from).
+    run = tmp_path / "run"
+    extra = ["model.num_classes=10", "schedule.epochs=1", "train.ema=false", "train.global_batch=16",
+             "train.micro_batch=16", "data.eval_batch=300"]
+    for stop in (3, 6):
+        log = tmp_path / f"to{stop}.log"
+        text = _wait(_train(run, digits_shards, extra + [f"schedule.max_steps={stop}"], log=log), log)
+    first, second = _evals(run)
+    assert (first["step"], second["step"]) == (3, 6)
+    assert "resumed from" in text
+    info = json.loads((run / "best.pth.json").read_text())
+    best = max((first, second), key=lambda e: (e["top1"], -e["step"]))
+    assert (info["top1"], info["step"]) == (best["top1"], best["step"])
+    if second["top1"] > first["top1"]:
+        assert f"(was {first['top1']:.3f}) at step 6" in text, text[-2000:]
+    else:
+        assert "new best" not in text, text[-2000:]
