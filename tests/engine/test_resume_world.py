@@ -1,0 +1,101 @@
+"""Resuming at another world size or micro-batch (same global batch), under the real launcher:
+the resumed run continues at the saved step, every global batch holds exactly the samples of
+the uninterrupted run's (compared by sample key, data.record_keys), and with augmentation off
+the first resumed loss is within 1e-5 of it (each global batch is one micro-step on every rank,
+so synchronised BatchNorm sees the same samples whatever the split); the run completes."""
+import json
+import os
+import shutil
+
+import pytest
+
+from engine_launch import run_train, train_records
+from resume_runs import write_short_epoch_shards
+
+pytestmark = pytest.mark.slow
+
+PLAIN = ["data.randaug=false", "augment.mixup=0", "augment.cutmix=0", "augment.reprob=0",
+         "data.record_keys=true", "checkpoint.every_steps=2", "checkpoint.every_epochs=1",
+         "checkpoint.keep_last=20"]  # the branches start from early checkpoints of the reference
+
+
+@pytest.fixture(scope="module")
+def short_shards(tmp_path_factory):
+    return write_short_epoch_shards(str(tmp_path_factory.mktemp("digits96")))
+
+
+def global_batches(run) -> dict:
+    """step -> the keys of its global batch, in (rank, micro) order, last run of each step."""
+    parts = {}
+    for name in sorted(os.listdir(run)):
+        if name.startswith("sample_keys_rank"):
+            with open(os.path.join(run, name)) as f:
+                for line in f:
+                    r = json.loads(line)
+                    parts[(r["step"], r["rank"], r["micro"])] = r["keys"]
+    out = {}
+    for (step, _, _), keys in sorted(parts.items()):
+        out.setdefault(step, []).extend(keys)
+    return out
+
+
+def losses(run):
+    return {r["step"]: r["loss"] for r in train_records(run)}
+
+
+def branch(ref, run, up_to):
+    """`run` = `ref` as if killed right after its checkpoint at step `up_to` (its logs dropped)."""
+    shutil.copytree(ref, run)
+    for name in os.listdir(run):
+        if name.startswith("sample_keys_rank") or name == "metrics.jsonl":
+            os.remove(os.path.join(run, name))
+    ck = os.path.join(run, "checkpoints")
+    for tag in os.listdir(ck):
+        if tag.startswith("step") and int(tag[4:]) > up_to:
+            shutil.rmtree(os.path.join(ck, tag))
+
+
+def resumed_step(run):
+    with open(os.path.join(run, "train.log")) as f:
+        line = f.read().split("resumed from")[-1].splitlines()[0]
+    return int(line.split(", step ")[1].split()[0])
+
+
+def check_segment(ref, run, first, last):
+    ref_b, got_b, ref_l, got_l = global_batches(ref), global_batches(run), losses(ref), losses(run)
+    for s in range(first, last + 1):
+        assert got_b[s] == ref_b[s], f"step {s}: another global batch than the uninterrupted run's"
+    assert abs(got_l[first] - ref_l[first]) <= 1e-5, (first, got_l[first], ref_l[first])
+    return max(abs(got_l[s] - ref_l[s]) for s in range(first, last + 1))
+
+
+# ZeRO 3 is not here: after its universal load the run drifts from the second resumed step on
+# (measured in docs/scaling.md).
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_two_to_one_to_two_processes(stage, short_shards, tmp_path):
+    """2 x 8 to step 4, then 1 x 16 to step 8, then 2 x 8 to the end (12), against 2 x 8 throughout."""
+    ds = [f"deepspeed.config=ds_configs/zero{stage}_fp32.json"]
+    ref, run = str(tmp_path / "ref"), str(tmp_path / "run")
+    run_train(2, ref, short_shards, ds + PLAIN)
+    assert len(global_batches(ref)[5]) == 16
+    branch(ref, run, 4)
+    run_train(1, run, short_shards, ds + PLAIN + ["train.micro_batch=16", "schedule.max_steps=8"])
+    assert resumed_step(run) == 4
+    drift = [check_segment(ref, run, 5, 8)]
+    run_train(2, run, short_shards, ds + PLAIN)
+    assert resumed_step(run) == 8
+    drift.append(check_segment(ref, run, 9, 12))
+    assert max(losses(run)) == 12
+    print(f"ZeRO {stage}: largest loss difference per segment {drift}")
+
+
+def test_two_by_48_to_three_by_32(digits_shards, tmp_path):
+    """Global batch 96: 2 processes x 48 to step 2, then 3 processes x 32 to step 4."""
+    ds = ["deepspeed.config=ds_configs/zero0_fp32.json", "train.global_batch=96", "schedule.max_steps=4"]
+    ref, run = str(tmp_path / "ref"), str(tmp_path / "run")
+    run_train(2, ref, digits_shards, ds + PLAIN + ["train.micro_batch=48"])
+    branch(ref, run, 2)
+    run_train(3, run, digits_shards, ds + PLAIN + ["train.micro_batch=32"])
+    assert resumed_step(run) == 2
+    assert len(global_batches(run)[3]) == 96
+    check_segment(ref, run, 3, 4)
