@@ -1,7 +1,7 @@
 """A mixer of one's own in one file (examples/pool_mixer.py, outside stm_dist/models): registry,
 timm, errors that name the fix, and the pool mixer trained on the digits through stm-train (one
-process; under the real `deepspeed` launcher with 2 processes in the slow test), then shown by
-stm-report."""
+process; under the real `deepspeed` launcher with 2 processes, then stm-analyze, in the slow
+test), then shown by stm-report."""
 import json
 import os
 import socket
@@ -177,14 +177,14 @@ def _train_and_report(launch: list, digits, tmp_path, analyse: bool = False):
 
 def test_pool_mixer_trains_through_stm_train_and_shows_in_the_report(pool, digits, tmp_path):
     """One plain stm-train process (the launcher's start-up costs 20-70 s on the loaded 2-core
-    box), then stm-analyze erf and stm-report with the analyses."""
-    _train_and_report([sys.executable, "-m", "stm_dist.cli.train"], digits, tmp_path, analyse=True)
+    box), then stm-report."""
+    _train_and_report([sys.executable, "-m", "stm_dist.cli.train"], digits, tmp_path)
 
 
 @pytest.mark.slow
-def test_pool_mixer_reaches_both_ranks_under_deepspeed(pool, digits, tmp_path):
+def test_pool_mixer_reaches_both_ranks_under_deepspeed_and_the_analyses(pool, digits, tmp_path):
     _train_and_report([os.path.join(BIN, "deepspeed"), "--num_accelerators", "2", "--master_port", str(_port()),
-                       "--module", "stm_dist.cli.train"], digits, tmp_path)
+                       "--module", "stm_dist.cli.train"], digits, tmp_path, analyse=True)
 
 
 def test_report_table_puts_a_registered_mixer_next_to_the_five():
