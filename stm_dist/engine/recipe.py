@@ -59,12 +59,25 @@ def recipe_hash(r: dict) -> str:
     return hashlib.sha256(json.dumps(r, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def schema_defaults() -> dict:
+    """{'section.key': default} of the config schema itself."""
+    from .config import ExperimentConfig
+
+    return {f"{sec}.{k}": v for sec, values in ExperimentConfig().to_dict().items() for k, v in values.items()}
+
+
 def differences(saved: dict, now: dict) -> list[str]:
-    """'key: saved -> now' for every key whose value differs (or exists on one side only)."""
+    """'key: saved -> now' for every key whose value differs (or exists on one side only).
+
+    A key the saved recipe lacks but whose value now is the schema's default is no difference:
+    a newer version added the setting, and its default is what the saved run did."""
     missing = object()
+    defaults = schema_defaults()
     lines = []
     for key in sorted(set(saved) | set(now)):
         a, b = saved.get(key, missing), now.get(key, missing)
+        if a is missing and key in defaults and b == defaults[key]:
+            continue
         if a != b:
             fa = "(absent)" if a is missing else json.dumps(a, default=str)
             fb = "(absent)" if b is missing else json.dumps(b, default=str)

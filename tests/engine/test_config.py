@@ -186,3 +186,15 @@ def test_recipe_covers_what_is_trained_and_not_how_it_runs(tmp_path):
     check_paths(base, need_train=False, need_val=False)
     assert differences(recipe(base), recipe(other)) == [
         'deepspeed.json.mixed_precision: {"dtype": "bf16"} -> {"dtype": "fp32"}']
+
+
+def test_a_setting_added_since_the_checkpoint_is_no_change_at_its_default():
+    """A checkpoint saved before a key existed resumes when the key holds its default, and is
+    refused when the user set it to something else."""
+    from stm_dist.engine.recipe import differences, recipe
+
+    now = recipe(load(SWIN))
+    saved = {k: v for k, v in now.items() if k != "optim.layer_decay"}
+    assert now["optim.layer_decay"] is None and differences(saved, now) == []
+    decayed = recipe(load(SWIN, ["optim.layer_decay=0.75"]))
+    assert differences(saved, decayed) == ["optim.layer_decay: (absent) -> 0.75"]
