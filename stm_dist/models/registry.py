@@ -108,11 +108,11 @@ def register_mixer(name: str, block_class, sizes: Dict[str, dict], *, aliases: S
                          aliases=tuple(dict.fromkeys((*prev.get("aliases", ()), *aliases))))
     for alias in aliases:
         _aliases[f"unified_{alias}_"] = f"unified_{name}_"
-    from . import timm_models  # lazy: timm_models imports this module
+    from . import timm_models
 
     for model, cfg in table.items():
         size = _of[model][1]
-        timm_models.register(model, cfg.get("url") or "", [f"unified_{a}_{size}" for a in aliases])
+        timm_models.register(create_model, model, cfg.get("url") or "", [f"unified_{a}_{size}" for a in aliases])
     return {m: dict(c) for m, c in table.items()}
 
 
@@ -169,7 +169,7 @@ def create_model(name: str, **overrides) -> MetaArch:
     model = MetaArch(block_type=block, **cfg)
     from .timm_models import pretrained_cfg
 
-    model.pretrained_cfg = model.default_cfg = pretrained_cfg(canonical)
+    model.pretrained_cfg = model.default_cfg = pretrained_cfg(_models[canonical].get("url") or "")
     return model
 
 

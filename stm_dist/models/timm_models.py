@@ -40,11 +40,9 @@ _BASE = dict(
 )
 
 
-def pretrained_cfg(name: str) -> dict:
-    """timm-style pretrained cfg of a registered model (its release URL, if any)."""
-    from .registry import _models, resolve_name
-
-    return dict(_BASE, url=_models[resolve_name(name)].get("url") or "")
+def pretrained_cfg(url: str = "") -> dict:
+    """timm-style pretrained cfg of one of our models, with its release URL (if any)."""
+    return dict(_BASE, url=url)
 
 
 def filter_state_dict(state_dict: dict, model) -> dict:
@@ -56,24 +54,24 @@ def filter_state_dict(state_dict: dict, model) -> dict:
     return model.state_dict()
 
 
-def _construct(canonical: str, **kwargs):
-    from .registry import create_model
-
+def _construct(create_model, canonical: str, **kwargs):
     if "in_chans" in kwargs:  # timm's name for it
         kwargs["in_channels"] = kwargs.pop("in_chans")
     return create_model(canonical, **kwargs)
 
 
-def _build(timm_name: str, canonical: str, pretrained: bool = False, **kwargs):
+def _build(create_model, timm_name: str, canonical: str, pretrained: bool = False, **kwargs):
     return build_model_with_cfg(
-        partial(_construct, canonical), timm_name, pretrained,
+        partial(_construct, create_model, canonical), timm_name, pretrained,
         pretrained_filter_fn=filter_state_dict,
         feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)),
         **kwargs)
 
 
-def register(canonical: str, url: str = "", aliases=()) -> None:
-    """timm entry points for `canonical` and its alias names (again: the cfg is refreshed)."""
+def register(create_model, canonical: str, url: str = "", aliases=()) -> None:
+    """timm entry points for `canonical` and its alias names (again: the cfg is refreshed), each
+    building through `create_model` (the registry's: handed in, so this module needs no import
+    of the registry, which imports it)."""
     for name in (canonical, *aliases):
         cfg = dict(_BASE, url=url)
         if _registered.get(name) == canonical and default_cfgs.get(name) == cfg:
@@ -81,7 +79,7 @@ def register(canonical: str, url: str = "", aliases=()) -> None:
         default_cfgs[name] = cfg
 
         def entry(pretrained: bool = False, _name=name, **kwargs):
-            return _build(_name, canonical, pretrained, **kwargs)
+            return _build(create_model, _name, canonical, pretrained, **kwargs)
 
         entry.__name__ = entry.__qualname__ = name
         entry.__module__ = __name__
