@@ -6,6 +6,7 @@ launch is paid once. Rank 0 writes what it measured to the JSON file named by --
 """
 import argparse
 import json
+import time
 
 import torch
 import torch.nn.functional as F
@@ -99,7 +100,13 @@ def main():
     args = ap.parse_args()
     rank, world, _ = init()
     checks = args.checks.split(",")
-    res = {"world": world}
+    res = {"world": world, "seconds": {}}
+    t0 = time.perf_counter()
+
+    def timed(name):  # what each check cost, for whoever next trims the suite
+        nonlocal t0
+        res["seconds"][name] = round(time.perf_counter() - t0, 2)
+        t0 = time.perf_counter()
 
     if "modes" in checks:
         for stage in (1, 2, 3):
@@ -109,10 +116,12 @@ def main():
                                            "visible": branches_visible(runner)}
         runner, _, _ = train("pure_bf16", 1, 1, 16, rank, world)
         res["z1_pure_bf16"] = {"dtypes": param_dtypes(runner), "visible": branches_visible(runner)}
+        timed("modes")
 
     if "track" in checks:
         for prec in ("fp32", "bf16"):
             res[f"track_{prec}"] = train(prec, 1, 30, 16, rank, world)[2]
+        timed("track")
 
     if "ema" in checks:
         from deepspeed.utils import safe_get_full_fp32_param
@@ -136,6 +145,7 @@ def main():
         torch.save(e.state_dict(), args.out + f".ema{rank}.pt")
         if rank == 0:
             torch.save(ref, args.out + ".ema_ref.pt")
+        timed("ema")
 
     if "syncbn" in checks:
         # One step: the statistics then depend only on the initial weights and the global batch
@@ -147,6 +157,7 @@ def main():
         torch.distributed.all_gather(gathered, stats)
         res["syncbn"] = {"running_mean": bn.running_mean.tolist(), "running_var": bn.running_var.tolist(),
                          "ranks_equal": all(torch.equal(g, gathered[0]) for g in gathered), "losses": losses}
+        timed("syncbn")
 
     if rank == 0:
         with open(args.out, "w") as f:
