@@ -53,6 +53,26 @@ def _slurm_output(path: str) -> str:
         return f.read()
 
 
+def _submit_train_and_wait_two_steps(slurm: Slurm, workdir, run_dir: str, args: list, env: dict) -> tuple[str, str]:
+    """sbatch slurm/train.sbatch with `args`, then wait until the run has logged two steps (the
+    moment a signal would find a running rank); (job id, its output file). A job that ends
+    before that fails the test with its output."""
+    job = slurm.run(["sbatch", "--parsable", "--cpus-per-task=1", f"--output={workdir}/%x-%j.out",
+                     f"--chdir={workdir}", os.path.join(REPO, "slurm", "train.sbatch"), *args],
+                    env=env).stdout.strip()
+    out_file = f"{workdir}/stm-train-{job}.out"
+
+    def reached_step_2():
+        state = slurm.job_state(job)[0]["JobState"]
+        if state not in ("PENDING", "RUNNING", "CONFIGURING"):
+            raise AssertionError(f"job {job} ended ({state}) before it could be signalled:\n"
+                                 + (_slurm_output(out_file) if os.path.exists(out_file) else ""))
+        return os.path.exists(os.path.join(run_dir, "metrics.jsonl")) and len(read_metrics(run_dir)[0]) >= 2
+
+    wait_for(reached_step_2, 300, f"job {job} to run two steps", poll=0.5)
+    return job, out_file
+
+
 @pytest.fixture(scope="module")
 def sweep_runs(slurm, digits_shards, tmp_path_factory):
     """Submit the 2-run array sweep and wait for it: {model: run_dir}, plus the sweep file."""
@@ -101,19 +121,7 @@ def test_usr1_checkpoints_requeues_and_resumes_exactly(slurm, sweep_runs, tmp_pa
     task = slurm.run([tool("stm-sweep"), "task", sweep_runs["sweep"], "0"], env=env).stdout.split("\n")
     run_dir = str(tmp_path / "preempted")
     args = [a for a in task if a] + [f"run.out_dir={run_dir}"]
-    job = slurm.run(["sbatch", "--parsable", "--cpus-per-task=1", f"--output={tmp_path}/%x-%j.out",
-                     f"--chdir={tmp_path}", os.path.join(REPO, "slurm", "train.sbatch"), *args],
-                    env=env).stdout.strip()
-    out_file = f"{tmp_path}/stm-train-{job}.out"
-
-    def reached_step_2():
-        state = slurm.job_state(job)[0]["JobState"]
-        if state not in ("PENDING", "RUNNING", "CONFIGURING"):
-            raise AssertionError(f"job {job} ended ({state}) before it could be signalled:\n"
-                                 + (_slurm_output(out_file) if os.path.exists(out_file) else ""))
-        return os.path.exists(os.path.join(run_dir, "metrics.jsonl")) and len(read_metrics(run_dir)[0]) >= 2
-
-    wait_for(reached_step_2, 300, f"job {job} to run two steps", poll=0.5)
+    job, out_file = _submit_train_and_wait_two_steps(slurm, tmp_path, run_dir, args, env)
     # What slurm does 120 s before the time limit (#SBATCH --signal=B:USR1@120).
     slurm.run(["scancel", "--signal=USR1", "--batch", job])
 
@@ -153,19 +161,7 @@ def test_term_to_the_whole_job_ends_with_a_complete_checkpoint(slurm, digits_sha
     steps = 30
     args = ["--config", os.path.join(REPO, "configs", "demo_digits.yaml"), *tiny_overrides(digits_shards, steps),
             f"run.out_dir={run_dir}"]
-    job = slurm.run(["sbatch", "--parsable", "--cpus-per-task=1", f"--output={tmp_path}/%x-%j.out",
-                     f"--chdir={tmp_path}", os.path.join(REPO, "slurm", "train.sbatch"), *args],
-                    env=_job_env(slurm)).stdout.strip()
-    out_file = f"{tmp_path}/stm-train-{job}.out"
-
-    def reached_step_2():
-        state = slurm.job_state(job)[0]["JobState"]
-        if state not in ("PENDING", "RUNNING", "CONFIGURING"):
-            raise AssertionError(f"job {job} ended ({state}) before it could be signalled:\n"
-                                 + (_slurm_output(out_file) if os.path.exists(out_file) else ""))
-        return os.path.exists(os.path.join(run_dir, "metrics.jsonl")) and len(read_metrics(run_dir)[0]) >= 2
-
-    wait_for(reached_step_2, 300, f"job {job} to run two steps", poll=0.5)
+    job, out_file = _submit_train_and_wait_two_steps(slurm, tmp_path, run_dir, args, _job_env(slurm))
     slurm.run(["scancel", "--signal=TERM", "--full", job])
 
     state = _wait_jobs_done(slurm, job, 1, timeout=600)[0]
