@@ -206,11 +206,21 @@ def decide_resume(ckpt_dir: str, resume_from: str | None, rank: int, warn=print)
     return choice[0]
 
 
+# The best-by-top-1 weights of the run (run_eval.BestCheckpoints): they belong to the old run too.
+BEST_FILES = ("best.pth", "best.json", "best_ema.pth", "best_ema.json")
+
+
 def move_aside(run_dir: str) -> str | None:
-    """Rename the run's checkpoint folders to *.moved-<time> (never delete); return the new name."""
+    """Rename the run's checkpoint folders to *.moved-<time> and put its best*.pth/.json inside
+    the first of them (never delete); return the new name of the first."""
     import time
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    n = 1
+    while any(os.path.exists(os.path.join(run_dir, f"{d}.moved-{stamp}"))
+              for d in ("checkpoints", "checkpoints_universal")):
+        n += 1  # a second --fresh within the same second: never merge into (or overwrite) the first
+        stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{n}"
     moved = None
     for name in ("checkpoints", "checkpoints_universal"):
         src = os.path.join(run_dir, name)
@@ -218,6 +228,14 @@ def move_aside(run_dir: str) -> str | None:
             dst = f"{src}.moved-{stamp}"
             os.replace(src, dst)
             moved = moved or dst
+    best = [f for f in BEST_FILES if os.path.isfile(os.path.join(run_dir, f))]
+    if best:
+        # A fresh run must not inherit the old run's best: its first evaluation would compare
+        # against the old top-1, and a reader would take the old weights for the new run's.
+        moved = moved or os.path.join(run_dir, f"checkpoints.moved-{stamp}")
+        os.makedirs(moved, exist_ok=True)
+        for f in best:
+            os.replace(os.path.join(run_dir, f), os.path.join(moved, f))
     return moved
 
 

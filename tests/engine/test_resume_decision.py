@@ -46,3 +46,23 @@ def test_ranks_with_different_listings_resume_the_same_tag(tmp_path):
     assert r1["own"] == ckpt.tag_for(2)  # its own scan would have resumed an older step
     assert r0["chosen"] == r1["chosen"] == ckpt.tag_for(4)
     assert r1["src"] == a  # rank 0's folder: with a shared filesystem it is everyone's
+
+
+def test_fresh_moves_checkpoints_and_best_weights_aside_never_deletes(tmp_path):
+    run = str(tmp_path)
+    _make(os.path.join(run, "checkpoints"), [1, 2], complete={1, 2})
+    for name in ckpt.BEST_FILES:
+        with open(os.path.join(run, name), "w") as f:
+            f.write(name)
+    moved = ckpt.move_aside(run)
+    assert os.path.basename(moved).startswith("checkpoints.moved-")
+    assert sorted(os.listdir(moved)) == sorted([ckpt.tag_for(1), ckpt.tag_for(2), *ckpt.BEST_FILES])
+    for name in ckpt.BEST_FILES:  # the fresh run starts with no best of its own
+        assert not os.path.exists(os.path.join(run, name))
+        assert open(os.path.join(moved, name)).read() == name
+    # Only best files left behind (no checkpoint was ever saved): they are still set aside.
+    with open(os.path.join(run, "best.pth"), "w") as f:
+        f.write("again")
+    second = ckpt.move_aside(run)  # within the same second as the first: a folder of its own
+    assert second != moved and open(os.path.join(second, "best.pth")).read() == "again"
+    assert open(os.path.join(moved, "best.pth")).read() == "best.pth"
