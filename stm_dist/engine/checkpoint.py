@@ -206,8 +206,11 @@ def decide_resume(ckpt_dir: str, resume_from: str | None, rank: int, warn=print)
     return choice[0]
 
 
-# The best-by-top-1 weights of the run (run_eval.BestCheckpoints): they belong to the old run too.
-BEST_FILES = ("best.pth", "best.json", "best_ema.pth", "best_ema.json")
+def best_files(run_dir: str) -> list[str]:
+    """The run's best-by-top-1 weights and their JSON (run_eval.BestCheckpoints: best.pth,
+    best_ema.pth, each with a .json beside it)."""
+    return sorted(f for f in os.listdir(run_dir) if f.startswith("best") and f.endswith((".pth", ".pth.json"))
+                  and os.path.isfile(os.path.join(run_dir, f)))
 
 
 def move_aside(run_dir: str) -> str | None:
@@ -228,7 +231,7 @@ def move_aside(run_dir: str) -> str | None:
             dst = f"{src}.moved-{stamp}"
             os.replace(src, dst)
             moved = moved or dst
-    best = [f for f in BEST_FILES if os.path.isfile(os.path.join(run_dir, f))]
+    best = best_files(run_dir)
     if best:
         # A fresh run must not inherit the old run's best: its first evaluation would compare
         # against the old top-1, and a reader would take the old weights for the new run's.

@@ -51,13 +51,15 @@ def test_ranks_with_different_listings_resume_the_same_tag(tmp_path):
 def test_fresh_moves_checkpoints_and_best_weights_aside_never_deletes(tmp_path):
     run = str(tmp_path)
     _make(os.path.join(run, "checkpoints"), [1, 2], complete={1, 2})
-    for name in ckpt.BEST_FILES:
+    best = ["best.pth", "best.pth.json", "best_ema.pth", "best_ema.pth.json"]  # what run_eval writes
+    for name in best + ["notes.txt"]:
         with open(os.path.join(run, name), "w") as f:
             f.write(name)
     moved = ckpt.move_aside(run)
     assert os.path.basename(moved).startswith("checkpoints.moved-")
-    assert sorted(os.listdir(moved)) == sorted([ckpt.tag_for(1), ckpt.tag_for(2), *ckpt.BEST_FILES])
-    for name in ckpt.BEST_FILES:  # the fresh run starts with no best of its own
+    assert sorted(os.listdir(moved)) == sorted([ckpt.tag_for(1), ckpt.tag_for(2), *best])
+    assert os.path.exists(os.path.join(run, "notes.txt"))  # only the run's own outputs move
+    for name in best:  # the fresh run starts with no best of its own
         assert not os.path.exists(os.path.join(run, name))
         assert open(os.path.join(moved, name)).read() == name
     # Only best files left behind (no checkpoint was ever saved): they are still set aside.
