@@ -17,7 +17,6 @@ import fcntl
 import json
 import multiprocessing as mp
 import os
-import re
 import shutil
 import sys
 import time
@@ -25,118 +24,18 @@ import time
 import numpy as np
 
 from data_tools import TOOL_VERSION
-from data_tools.image_check import BadImage, check_image
 from data_tools.imagenet_src import Record, Source, read_source
-from data_tools.tar_index import HashingFile, ShardWriter
+from data_tools.shard_worker import CreateError, remove, run_tasks, sample_key, write_json_atomic
+
+__all__ = ["CreateError", "create_shards", "sample_key", "shard_name"]
 
 MANIFEST_FORMAT = "stm-shards/1"
 # Test hook: exit abruptly (like a kill) halfway through the shard after N finished ones.
 FAIL_ENV = "STM_SHARDS_FAIL_AFTER_SHARDS"
 
 
-class CreateError(RuntimeError):
-    """A fatal problem with the run; the message names the file or setting at fault."""
-
-
 def shard_name(split: str, i: int) -> str:
     return f"{split}-{i:06d}"
-
-
-def sample_key(position: int, rel: str) -> str:
-    # The position keeps keys unique and sortable; the source stem helps a human trace a sample.
-    stem = os.path.basename(rel).split(".", 1)[0]
-    stem = re.sub(r"[^A-Za-z0-9_-]", "_", stem)[:40]
-    return f"{position:08d}_{stem}" if stem else f"{position:08d}"
-
-
-def _process(path: str):
-    """Read and validate one file. Returns ("ok", bytes, conversion) or ("skip", reason)."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        return ("skip", "missing file")
-    except OSError as e:
-        return ("skip", f"unreadable: {e.strerror or e}")
-    try:
-        jpeg, conversion, _ = check_image(data)
-    except BadImage as e:
-        return ("skip", str(e))
-    return ("ok", jpeg, conversion)
-
-
-def _write_shard(task):
-    """Worker: read, validate, write, hash and index one whole shard, then commit its record.
-
-    The whole shard is one task so that image bytes never travel to (and pile up in) the parent:
-    each worker holds one image at a time whatever the output disk's speed, and the parent only
-    receives the small per-shard record. Returns ("ok", rec), ("error", message) or ("die",).
-    """
-    i, name, out, prog, items, strict, die_halfway = task
-    tar_path = os.path.join(out, f"{name}.tar")
-    tmp_tar = os.path.join(out, f".{name}.tar.tmp")
-    rec = {"index": i, "name": f"{name}.tar", "samples": 0, "bytes": 0, "sha256": None,
-           "skipped": [], "reencoded": {}, "class_counts": {}}
-    try:
-        with open(tmp_tar, "wb") as f:
-            hf = HashingFile(f)
-            w = ShardWriter(hf)
-            for k, (pos, rel, label, path) in enumerate(items):
-                if die_halfway and k == len(items) // 2:
-                    f.flush()
-                    return ("die",)
-                res = _process(path)
-                if res[0] == "skip":
-                    if strict:
-                        raise CreateError(f"{path}: {res[1]} (--strict)")
-                    rec["skipped"].append({"path": rel, "reason": res[1]})
-                    continue
-                _, data, conversion = res
-                if conversion:
-                    rec["reencoded"][conversion] = rec["reencoded"].get(conversion, 0) + 1
-                lab = str(label)
-                rec["class_counts"][lab] = rec["class_counts"].get(lab, 0) + 1
-                w.add_sample(sample_key(pos, rel), [("cls", lab.encode()), ("jpg", data)])
-            rec["samples"] = len(w.samples)
-            if w.samples:
-                w.finish()
-                f.flush()
-                os.fsync(f.fileno())
-        if rec["samples"]:
-            rec["sha256"], rec["bytes"] = hf.sha256.hexdigest(), hf.bytes
-            _write_atomic(os.path.join(out, f"{name}.idx"), w.index_text().encode())
-            os.replace(tmp_tar, tar_path)
-        else:  # every input of this slice was bad: no file at all beats an empty tar
-            os.remove(tmp_tar)
-        # The record is the commit: written only once the tar and index are in place.
-        _write_json_atomic(os.path.join(prog, f"{i:06d}.json"), rec)
-        return ("ok", rec)
-    except CreateError as e:
-        _remove(tmp_tar)
-        return ("error", str(e))
-    except OSError as e:  # disk full, permissions: name the file, keep what is committed
-        _remove(tmp_tar)
-        return ("error", f"{tmp_tar}: {e.strerror or e}")
-
-
-def _remove(path: str):
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
-
-
-def _write_atomic(path: str, data: bytes):
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _write_json_atomic(path: str, obj):
-    _write_atomic(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
 
 
 def _plan(src: Source, seed: int, samples_per_shard: int) -> dict:
@@ -224,7 +123,7 @@ def _create_locked(src: Source, split: str, out: str, samples_per_shard: int, wo
     if os.path.exists(plan_path):
         _check_same_plan(plan_path, plan, "the interrupted run")
     else:
-        _write_json_atomic(plan_path, plan)
+        write_json_atomic(plan_path, plan)
 
     n = len(src.records)
     order = np.random.default_rng(seed).permutation(n)
@@ -255,18 +154,14 @@ def _create_locked(src: Source, split: str, out: str, samples_per_shard: int, wo
         # the next one; later shards are not started so what is left on disk is exact.
         tasks.append((i, shard_name(split, i), out, prog, items, strict, k == fail_after))
 
-    from tqdm import tqdm
-
-    bar = tqdm(total=n, initial=n - sum(len(t[4]) for t in tasks), unit="img", desc=f"{split} shards",
-               disable=not progress, smoothing=0.1)
+    bar = _progress_bar(n, n - sum(len(t[4]) for t in tasks), f"{split} shards", progress)
     # fork: workers need no re-import of the caller's __main__ (which breaks under spawn for
     # `python -c`/stdin callers); they only run PIL, so no threads of the parent matter.
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    pool = ctx.Pool(min(workers, len(tasks))) if workers > 1 and len(tasks) > 1 else None
     die = False
+    results = run_tasks(ctx, tasks, min(workers, len(tasks))) if tasks else (r for r in ())
     try:
         # Unordered: a shard's bytes depend only on its own inputs, so finishing order is free.
-        results = pool.imap_unordered(_write_shard, tasks, chunksize=1) if pool else map(_write_shard, tasks)
         for res in results:
             if res[0] == "error":
                 raise CreateError(res[1])
@@ -277,28 +172,38 @@ def _create_locked(src: Source, split: str, out: str, samples_per_shard: int, wo
             done[rec["index"]] = rec
             bar.update(rec["samples"] + len(rec["skipped"]))
     except BaseException:
-        # Stop the other workers first, then leave no partial shard behind (--strict, disk
-        # full, Ctrl-C); committed shards stay. A hard kill can leave one; the next run
-        # overwrites it.
-        if pool:
-            pool.terminate()
-            pool.join()
-            pool = None
+        # Stop the workers first (closing the generator terminates them), then leave no partial
+        # shard behind (--strict, disk full, Ctrl-C); committed shards stay. A hard kill can
+        # leave one; the next run overwrites it.
+        results.close()
         for i in todo:
-            _remove(os.path.join(out, f".{shard_name(split, i)}.tar.tmp"))
+            remove(os.path.join(out, f".{shard_name(split, i)}.tar.tmp"))
         raise
     finally:
         bar.close()
-        if pool:
-            pool.terminate()
-            pool.join()
     if die:
         os._exit(75)
 
     manifest = _assemble_manifest(src, plan, [done[i] for i in range(num_shards)])
-    _write_json_atomic(manifest_path, manifest)
+    write_json_atomic(manifest_path, manifest)
     shutil.rmtree(prog, ignore_errors=True)
     return manifest
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress_bar(total: int, initial: int, desc: str, show: bool):
+    if not show:
+        return _NoBar()  # tqdm's import alone costs ~0.1 s (importlib.metadata): skip it
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="img", desc=desc, smoothing=0.1)
 
 
 def _assemble_manifest(src: Source, plan: dict, recs: list[dict]) -> dict:

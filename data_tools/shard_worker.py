@@ -1,0 +1,226 @@
+"""The worker side of `stm-shards create`: one task = one whole shard, and the processes that run them.
+
+A worker reads, validates, writes, hashes and indexes its shard; the parent only receives the
+small per-shard record, so image bytes never travel to (and pile up in) the parent: each worker
+holds one image at a time whatever the output disk's speed.
+
+The durable part of a shard (fsync of the tar, index, rename, commit record) is disk waiting, not
+CPU, so each worker hands it to a thread and goes on validating its next shard meanwhile. At
+most one commit is in flight per worker, so memory stays bounded; a task's result is sent only
+once its record is on disk, so the parent never counts a shard that is not committed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import threading
+import time
+
+from data_tools.image_check import BadImage, check_image
+from data_tools.tar_index import HashingFd, ShardWriter
+
+
+class CreateError(RuntimeError):
+    """A fatal problem with the run; the message names the file or setting at fault."""
+
+
+def sample_key(position: int, rel: str) -> str:
+    # The position keeps keys unique and sortable; the source stem helps a human trace a sample.
+    stem = os.path.basename(rel).split(".", 1)[0]
+    stem = re.sub(r"[^A-Za-z0-9_-]", "_", stem)[:40]
+    return f"{position:08d}_{stem}" if stem else f"{position:08d}"
+
+
+def _read(path: str) -> bytes:
+    # os.read of the known size: one allocation and no buffered-file objects per image.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        data = os.read(fd, size + 1)
+        if len(data) == size:  # less than asked of a regular file: that was its end
+            return data
+        chunks = [data]  # changed since fstat (or not a regular file): read to the end
+        while chunks[-1]:
+            chunks.append(os.read(fd, 1 << 20))
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _process(path: str):
+    """Read and validate one file. Returns ("ok", bytes, conversion) or ("skip", reason)."""
+    try:
+        data = _read(path)
+    except FileNotFoundError:
+        return ("skip", "missing file")
+    except OSError as e:
+        return ("skip", f"unreadable: {e.strerror or e}")
+    try:
+        jpeg, conversion, _ = check_image(data)
+    except BadImage as e:
+        return ("skip", str(e))
+    return ("ok", jpeg, conversion)
+
+
+def remove(path: str):
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def write_atomic(path: str, data: bytes):
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: str, obj):
+    write_atomic(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+
+def _write_data(task):
+    """Read, validate, write and hash one shard's samples into its temp tar (not yet durable).
+
+    Returns ("commit", commit_fn), ("error", message) or ("die",)."""
+    i, name, out, prog, items, strict, die_halfway = task
+    tar_path = os.path.join(out, f"{name}.tar")
+    tmp_tar = os.path.join(out, f".{name}.tar.tmp")
+    rec = {"index": i, "name": f"{name}.tar", "samples": 0, "bytes": 0, "sha256": None,
+           "skipped": [], "reencoded": {}, "class_counts": {}}
+    fd = -1
+    try:
+        fd = os.open(tmp_tar, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        sink = HashingFd(fd)
+        w = ShardWriter(sink)
+        reencoded, class_counts, skipped = rec["reencoded"], rec["class_counts"], rec["skipped"]
+        for k, (pos, rel, label, path) in enumerate(items):
+            if die_halfway and k == len(items) // 2:
+                os.close(fd)
+                return ("die",)
+            res = _process(path)
+            if res[0] == "skip":
+                if strict:
+                    raise CreateError(f"{path}: {res[1]} (--strict)")
+                skipped.append({"path": rel, "reason": res[1]})
+                continue
+            _, data, conversion = res
+            if conversion:
+                reencoded[conversion] = reencoded.get(conversion, 0) + 1
+            lab = str(label)
+            class_counts[lab] = class_counts.get(lab, 0) + 1
+            w.add_sample(sample_key(pos, rel), [("cls", lab.encode()), ("jpg", data)])
+        rec["samples"] = len(w.samples)
+        if w.samples:
+            w.finish()
+            rec["sha256"], rec["bytes"] = sink.sha256.hexdigest(), sink.bytes
+    except CreateError as e:
+        _close_quietly(fd)
+        remove(tmp_tar)
+        return ("error", str(e))
+    except OSError as e:  # disk full, permissions: name the file, keep what is committed
+        _close_quietly(fd)
+        remove(tmp_tar)
+        return ("error", f"{tmp_tar}: {e.strerror or e}")
+    index = w.index_text().encode() if w.samples else b""
+
+    def commit():
+        try:
+            if rec["samples"]:
+                os.fsync(fd)
+                os.close(fd)
+                write_atomic(os.path.join(out, f"{name}.idx"), index)
+                os.replace(tmp_tar, tar_path)
+            else:  # every input of this slice was bad: no file at all beats an empty tar
+                os.close(fd)
+                os.remove(tmp_tar)
+            # The record is the commit: written only once the tar and index are in place.
+            write_json_atomic(os.path.join(prog, f"{i:06d}.json"), rec)
+            return ("ok", rec)
+        except OSError as e:
+            _close_quietly(fd)
+            remove(tmp_tar)
+            return ("error", f"{tmp_tar}: {e.strerror or e}")
+
+    return ("commit", commit)
+
+
+def _close_quietly(fd: int):
+    if fd >= 0:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _worker_main(tasks, results):
+    # Ctrl-C reaches the whole process group; the parent handles it (terminates us, removes the
+    # temp files), so a worker's traceback would only be noise.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    committing = None
+    for task in iter(tasks.get, None):
+        res = _write_data(task)
+        if committing is not None:
+            committing.join()
+            committing = None
+        if res[0] == "commit":
+            committing = threading.Thread(target=lambda c=res[1]: results.put(c()))
+            committing.start()
+        else:
+            results.put(res)
+    if committing is not None:
+        committing.join()
+
+
+def run_tasks(ctx, tasks: list, processes: int):
+    """Yield one result per task, in finishing order, from ``processes`` worker processes.
+
+    Results: ("ok", record), ("error", message) or ("die",). On any exception in the caller
+    (including GeneratorExit) the workers are terminated before this returns."""
+    tq, rq = ctx.Queue(), ctx.Queue()
+    procs = [ctx.Process(target=_worker_main, args=(tq, rq), daemon=True) for _ in range(processes)]
+    try:
+        for p in procs:
+            p.start()
+        for t in tasks:
+            tq.put(t)
+        for _ in procs:
+            tq.put(None)
+        for _ in range(len(tasks)):
+            yield _next_result(rq, procs)
+        for p in procs:
+            p.join()
+        procs = []
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+        for p in procs:
+            p.join()
+        tq.cancel_join_thread()  # unsent tasks of a failed run must not block our exit
+
+
+def _next_result(rq, procs):
+    idle_since = None
+    while True:
+        try:
+            return rq.get(timeout=0.5)
+        except queue.Empty:
+            pass
+        dead = [p for p in procs if p.exitcode not in (None, 0)]
+        if dead:
+            p = dead[0]
+            raise CreateError(f"a shard worker (pid {p.pid}) died with exit code {p.exitcode} (killed, out of "
+                              f"memory?); committed shards are kept: rerun the same command to finish")
+        if all(p.exitcode == 0 for p in procs):
+            # All exited cleanly: their last results may still be in the pipe; wait a moment.
+            idle_since = idle_since or time.monotonic()
+            if time.monotonic() - idle_since > 5:
+                raise CreateError("the shard workers exited without reporting every shard; "
+                                  "rerun the same command to finish")
