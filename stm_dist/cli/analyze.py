@@ -91,7 +91,11 @@ def run(args, checked: dict | None = None) -> tuple[dict, list]:
     from stm_dist.analysis.runner import Normalized, ValImages, init_distributed, load_model
     from stm_dist.models.registry import resolve_name
 
+    from stm_dist.cli.run_mixer import load_run_mixer
+
     checked = checked or check(args)
+    if args.checkpoint != "random":
+        load_run_mixer(args.checkpoint)  # a run of a mixer of one's own names its file in its recipe
     resolve_name(args.model)  # an unknown name fails before the process group starts
     manifest, eps, step = checked["manifest"], checked.get("eps"), checked.get("step_size")
     rank, world, device = init_distributed()

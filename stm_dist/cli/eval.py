@@ -61,6 +61,9 @@ def run(args) -> dict:
     from stm_dist.models import create_model
     from stm_dist.models.pretrained import load_pretrained
 
+    from stm_dist.cli.run_mixer import load_run_mixer
+
+    load_run_mixer(args.checkpoint)  # a run of a mixer of one's own names its file in its recipe
     rank, world, device = init(use_deepspeed=False)
     manifest = read_manifest(args.data, args.split)
     num_classes = args.num_classes or int(manifest["num_classes"])

@@ -151,14 +151,23 @@ def _train_and_report(launch: list, digits, tmp_path, analyse: bool = False):
     assert [x["step"] for x in train][-1] == 2 and all(x["loss"] == x["loss"] for x in train)
     assert any(x.get("kind") == "eval" and x.get("top1") is not None for x in rows)
     extra = []
-    if analyse:  # stm-analyze takes the mixer from STM_MIXER_MODULES (it has no recipe)
+    # stm-analyze and stm-eval find the mixer in the recipe beside the checkpoint (no STM_MIXER_MODULES).
+    if analyse:
         an = tmp_path / "analyses" / "unified_pool_micro"
         r = subprocess.run([sys.executable, "-m", "stm_dist.cli.analyze", "erf", "--model", "unified_pool_micro",
                             "--checkpoint", str(run), "--data", digits, "--out", str(an), "--img-size", "64",
                             "--images", "2", "--batch", "2", "--num-threads", "0"], cwd=REPO,
-                           env=dict(_env(), STM_MIXER_MODULES=POOL), capture_output=True, text=True, timeout=300)
+                           env=_env(), capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         extra = ["--analyses", str(tmp_path / "analyses")]
+    else:
+        r = subprocess.run([sys.executable, "-m", "stm_dist.cli.eval", "--model", "unified_pool_micro",
+                            "--checkpoint", str(run / "best.pth"), "--data", digits, "--img-size", "32",
+                            "--num-threads", "1", "--json", str(tmp_path / "eval.json")], cwd=REPO,
+                           env=_env(), capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        best = json.loads((run / "best.pth.json").read_text())
+        assert json.loads((tmp_path / "eval.json").read_text())["top1"] == best["top1"]
     # stm-report in a fresh process: the mixer comes from the run's saved config.
     out = tmp_path / "report"
     r = subprocess.run([sys.executable, "-m", "stm_dist.cli.report", str(tmp_path / "runs"), "-o", str(out), *extra],
