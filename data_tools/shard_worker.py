@@ -20,6 +20,7 @@ import threading
 import time
 
 from data_tools.image_check import BadImage, check_image
+from data_tools.tail_help import OWNER_CHECKS, PASSES, TailBoard, help_until_done
 from data_tools.tar_index import HashingFd, ShardWriter
 
 
@@ -34,35 +35,53 @@ def sample_key(position: int, rel: str) -> str:
     return f"{position:08d}_{stem}" if stem else f"{position:08d}"
 
 
-def _read(path: str) -> bytes:
-    # os.read of the known size: one allocation and no buffered-file objects per image.
+def _read(path: str):
+    """(bytes, stamp): os.read of the known size, one allocation and no buffered-file objects per
+    image; the stamp (size, mtime_ns, inode) says whether the file changed between two reads."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        size = os.fstat(fd).st_size
-        data = os.read(fd, size + 1)
-        if len(data) == size:  # less than asked of a regular file: that was its end
-            return data
+        st = os.fstat(fd)
+        stamp = (st.st_size, st.st_mtime_ns, st.st_ino)
+        data = os.read(fd, st.st_size + 1)
+        if len(data) == st.st_size:  # less than asked of a regular file: that was its end
+            return data, stamp
         chunks = [data]  # changed since fstat (or not a regular file): read to the end
         while chunks[-1]:
             chunks.append(os.read(fd, 1 << 20))
-        return b"".join(chunks)
+        return b"".join(chunks), None
     finally:
         os.close(fd)
 
 
-def _process(path: str):
-    """Read and validate one file. Returns ("ok", bytes, conversion) or ("skip", reason)."""
+def _process(path: str, passed=None):
+    """Read and validate one file. Returns ("ok", bytes, conversion) or ("skip", reason).
+
+    ``passed``: the stamp under which a helper found this file usable as-is; if the file still
+    has it, the decode is not repeated."""
     try:
-        data = _read(path)
+        data, stamp = _read(path)
     except FileNotFoundError:
         return ("skip", "missing file")
     except OSError as e:
         return ("skip", f"unreadable: {e.strerror or e}")
+    if passed is not None and stamp == passed:
+        return ("ok", data, None)
     try:
         jpeg, conversion, _ = check_image(data)
     except BadImage as e:
         return ("skip", str(e))
     return ("ok", jpeg, conversion)
+
+
+def _validate_for_owner(path: str):
+    """A helper's verdict on one file (see tail_help): (PASSES, stamp) or (OWNER_CHECKS, zeros)."""
+    try:
+        data, stamp = _read(path)
+        if stamp is not None and check_image(data)[1] is None:
+            return PASSES, stamp
+    except (OSError, BadImage):
+        pass
+    return OWNER_CHECKS, (0, 0, 0)
 
 
 def remove(path: str):
@@ -85,10 +104,21 @@ def write_json_atomic(path: str, obj):
     write_atomic(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
 
 
-def _write_data(task):
+def _write_data(task, board=None, slot=0, task_no=0):
     """Read, validate, write and hash one shard's samples into its temp tar (not yet durable).
 
     Returns ("commit", commit_fn), ("error", message) or ("die",)."""
+    i, name, out, prog, items, strict, die_halfway = task
+    if board is not None:
+        board.publish(slot, task_no, len(items))
+    try:
+        return _write_samples(task, board, slot)
+    finally:
+        if board is not None:
+            board.withdraw(slot)
+
+
+def _write_samples(task, board, slot):
     i, name, out, prog, items, strict, die_halfway = task
     tar_path = os.path.join(out, f"{name}.tar")
     tmp_tar = os.path.join(out, f".{name}.tar.tmp")
@@ -104,7 +134,11 @@ def _write_data(task):
             if die_halfway and k == len(items) // 2:
                 os.close(fd)
                 return ("die",)
-            res = _process(path)
+            if board is None or board.take(slot, k):
+                res = _process(path)
+            else:  # a helper validated it (tail_help)
+                verdict, stamp = board.verdict_of(slot, k)
+                res = _process(path, stamp if verdict == PASSES else None)
             if res[0] == "skip":
                 if strict:
                     raise CreateError(f"{path}: {res[1]} (--strict)")
@@ -159,13 +193,13 @@ def _close_quietly(fd: int):
             pass
 
 
-def _worker_main(tasks, results):
+def _worker_main(slot, tasks, board, todo, results):
     # Ctrl-C reaches the whole process group; the parent handles it (terminates us, removes the
     # temp files), so a worker's traceback would only be noise.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     committing = None
-    for task in iter(tasks.get, None):
-        res = _write_data(task)
+    for task_no in iter(todo.get, None):
+        res = _write_data(tasks[task_no], board, slot, task_no)
         if committing is not None:
             committing.join()
             committing = None
@@ -174,6 +208,8 @@ def _worker_main(tasks, results):
             committing.start()
         else:
             results.put(res)
+    if board is not None:
+        help_until_done(board, tasks, _validate_for_owner)
     if committing is not None:
         committing.join()
 
@@ -184,12 +220,15 @@ def run_tasks(ctx, tasks: list, processes: int):
     Results: ("ok", record), ("error", message) or ("die",). On any exception in the caller
     (including GeneratorExit) the workers are terminated before this returns."""
     tq, rq = ctx.Queue(), ctx.Queue()
-    procs = [ctx.Process(target=_worker_main, args=(tq, rq), daemon=True) for _ in range(processes)]
+    # Forked workers inherit the task list and the shared board; under spawn they would get a
+    # pickled copy each and no board (no tail help).
+    board = TailBoard(ctx, processes, max(len(t[4]) for t in tasks)) if ctx.get_start_method() == "fork" else None
+    procs = [ctx.Process(target=_worker_main, args=(s, tasks, board, tq, rq), daemon=True) for s in range(processes)]
     try:
         for p in procs:
             p.start()
-        for t in tasks:
-            tq.put(t)
+        for k in range(len(tasks)):
+            tq.put(k)
         for _ in procs:
             tq.put(None)
         for _ in range(len(tasks)):
@@ -216,8 +255,10 @@ def _next_result(rq, procs):
         dead = [p for p in procs if p.exitcode not in (None, 0)]
         if dead:
             p = dead[0]
-            raise CreateError(f"a shard worker (pid {p.pid}) died with exit code {p.exitcode} (killed, out of "
-                              f"memory?); committed shards are kept: rerun the same command to finish")
+            how = (f"was killed by signal {-p.exitcode} (out of memory?)" if p.exitcode < 0
+                   else f"failed with exit code {p.exitcode} (its error is above)")
+            raise CreateError(f"a shard worker (pid {p.pid}) {how}; committed shards are kept: "
+                              f"rerun the same command to finish")
         if all(p.exitcode == 0 for p in procs):
             # All exited cleanly: their last results may still be in the pipe; wait a moment.
             idle_since = idle_since or time.monotonic()
