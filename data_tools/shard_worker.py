@@ -6,8 +6,9 @@ holds one image at a time whatever the output disk's speed.
 
 The durable part of a shard (fsync of the tar, index, rename, commit record) is disk waiting, not
 CPU, so each worker hands it to a thread and goes on validating its next shard meanwhile. At
-most one commit is in flight per worker, so memory stays bounded; a task's result is sent only
-once its record is on disk, so the parent never counts a shard that is not committed.
+most two commits are in flight per worker, so memory stays bounded; a task's result is sent only
+once its record is on disk, so the parent never counts a shard that is not committed. Near the
+end of the run, idle workers help busy ones (data_tools/tail_help.py).
 """
 from __future__ import annotations
 
@@ -91,12 +92,21 @@ def remove(path: str):
         pass
 
 
+def _write_synced(path: str, data: bytes, errors: list | None = None):
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        if errors is None:
+            raise
+        errors.append(e)
+
+
 def write_atomic(path: str, data: bytes):
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    _write_synced(tmp, data)
     os.replace(tmp, path)
 
 
@@ -165,11 +175,20 @@ def _write_samples(task, board, slot):
     index = w.index_text().encode() if w.samples else b""
 
     def commit():
+        idx_tmp = os.path.join(out, f".{name}.idx.tmp")
         try:
             if rec["samples"]:
+                # The tar and its index must both be durable before the renames; their fsyncs run
+                # side by side (one journal commit can serve both), not one after the other.
+                idx_error = []
+                t = threading.Thread(target=_write_synced, args=(idx_tmp, index, idx_error))
+                t.start()
                 os.fsync(fd)
+                t.join()
+                if idx_error:
+                    raise idx_error[0]
                 os.close(fd)
-                write_atomic(os.path.join(out, f"{name}.idx"), index)
+                os.replace(idx_tmp, os.path.join(out, f"{name}.idx"))
                 os.replace(tmp_tar, tar_path)
             else:  # every input of this slice was bad: no file at all beats an empty tar
                 os.close(fd)
@@ -180,7 +199,8 @@ def _write_samples(task, board, slot):
         except OSError as e:
             _close_quietly(fd)
             remove(tmp_tar)
-            return ("error", f"{tmp_tar}: {e.strerror or e}")
+            remove(idx_tmp)
+            return ("error", f"{e.filename or tmp_tar}: {e.strerror or e}")
 
     return ("commit", commit)
 
@@ -193,25 +213,33 @@ def _close_quietly(fd: int):
             pass
 
 
+_MAX_COMMITS = 2
+
+
 def _worker_main(slot, tasks, board, todo, results):
     # Ctrl-C reaches the whole process group; the parent handles it (terminates us, removes the
     # temp files), so a worker's traceback would only be noise.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    committing = None
+    committing: list[threading.Thread] = []
     for task_no in iter(todo.get, None):
         res = _write_data(tasks[task_no], board, slot, task_no)
-        if committing is not None:
-            committing.join()
-            committing = None
         if res[0] == "commit":
-            committing = threading.Thread(target=lambda c=res[1]: results.put(c()))
-            committing.start()
+            # Shards commit independently, so a slow fsync of the previous one need not hold this
+            # one back; two in flight at most keeps open files and index texts bounded.
+            while len(committing) >= _MAX_COMMITS:
+                committing.pop(0).join()
+            t = threading.Thread(target=lambda c=res[1]: results.put(c()))
+            t.start()
+            committing.append(t)
         else:
+            for t in committing:
+                t.join()
+            committing = []
             results.put(res)
     if board is not None:
         help_until_done(board, tasks, _validate_for_owner)
-    if committing is not None:
-        committing.join()
+    for t in committing:
+        t.join()
 
 
 def run_tasks(ctx, tasks: list, processes: int):

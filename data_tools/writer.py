@@ -19,6 +19,7 @@ import multiprocessing as mp
 import os
 import shutil
 import sys
+import threading
 import time
 
 import numpy as np
@@ -120,10 +121,13 @@ def _create_locked(src: Source, split: str, out: str, samples_per_shard: int, wo
     prog = os.path.join(out, f".{split}.progress")
     os.makedirs(prog, exist_ok=True)
     plan_path = os.path.join(prog, "plan.json")
+    plan_writer = None
     if os.path.exists(plan_path):
         _check_same_plan(plan_path, plan, "the interrupted run")
     else:
-        write_json_atomic(plan_path, plan)
+        # Its fsync (ms to tens of ms on a busy disk) overlaps the permutation below; it is
+        # joined before any worker starts, so no shard record can exist without its plan.
+        plan_writer = _Background(write_json_atomic, plan_path, plan)
 
     n = len(src.records)
     order = np.random.default_rng(seed).permutation(n)
@@ -154,6 +158,8 @@ def _create_locked(src: Source, split: str, out: str, samples_per_shard: int, wo
         # the next one; later shards are not started so what is left on disk is exact.
         tasks.append((i, shard_name(split, i), out, prog, items, strict, k == fail_after))
 
+    if plan_writer is not None:
+        plan_writer.result()
     bar = _progress_bar(n, n - sum(len(t[4]) for t in tasks), f"{split} shards", progress)
     # fork: workers need no re-import of the caller's __main__ (which breaks under spawn for
     # `python -c`/stdin callers); they only run PIL, so no threads of the parent matter.
@@ -188,6 +194,27 @@ def _create_locked(src: Source, split: str, out: str, samples_per_shard: int, wo
     write_json_atomic(manifest_path, manifest)
     shutil.rmtree(prog, ignore_errors=True)
     return manifest
+
+
+class _Background:
+    """fn(*args) in a thread; result() joins it and re-raises its exception here."""
+
+    def __init__(self, fn, *args):
+        self._error = None
+
+        def run():
+            try:
+                fn(*args)
+            except BaseException as e:  # handed to the caller's thread
+                self._error = e
+
+        self._t = threading.Thread(target=run)
+        self._t.start()
+
+    def result(self):
+        self._t.join()
+        if self._error is not None:
+            raise self._error
 
 
 class _NoBar:
