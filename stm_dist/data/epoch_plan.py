@@ -45,18 +45,13 @@ class SampleTable:
         self.tars, self.idxs = tars, idxs
         cols = [[], [], [], [], []]
         self.counts = []
-        for f, idx in enumerate(idxs):
-            with open(idx) as fh:
-                lines = fh.read().splitlines()
-            for n, line in enumerate(lines[1:], 2):
-                parts = line.split()
-                members = {parts[j]: (int(parts[j + 1]), int(parts[j + 2])) for j in range(0, len(parts), 4)}
-                if "jpg" not in members or "cls" not in members:
-                    raise ShardError(f"{idx}:{n}: sample lacks a jpg or cls member")
-                for c, v in zip(cols, (f, *members["jpg"], *members["cls"])):
+        for lo in range(0, len(idxs), _BATCH_FILES):
+            for f, parsed in enumerate(_parse_index_files(idxs[lo : lo + _BATCH_FILES]), lo):
+                self.counts.append(len(parsed[0]))
+                for c, v in zip(cols, (np.full(len(parsed[0]), f, np.int64), *parsed)):
                     c.append(v)
-            self.counts.append(len(lines) - 1)
-        self.file, self.jpg_off, self.jpg_size, self.cls_off, self.cls_size = (np.asarray(c, np.int64) for c in cols)
+        self.file, self.jpg_off, self.jpg_size, self.cls_off, self.cls_size = (
+            np.concatenate(c) if c else np.zeros(0, np.int64) for c in cols)
         self._keys = None
 
     def __len__(self):
@@ -80,6 +75,97 @@ class SampleTable:
                         keys.append(split_member_name(line.split()[3])[0])
             self._keys = keys
         return [self._keys[int(i)] for i in indices]
+
+
+_BATCH_FILES = 16  # index files parsed as one array: amortises numpy's per-call cost (~1.5 MB)
+
+
+def _parse_index_files(idxs: list[str]):
+    """(jpg_off, jpg_size, cls_off, cls_size) per index file, in order."""
+    raws = []
+    for idx in idxs:
+        with open(idx, "rb") as fh:
+            raws.append(fh.read())
+    bodies = [r.partition(b"\n")[2] for r in raws]
+    if all(b.endswith(b"\n") for b in bodies):
+        cols = _parse_two_member_body(b"".join(bodies))
+        if cols is not None:
+            cut = np.cumsum([b.count(b"\n") for b in bodies])[:-1]
+            return list(zip(*(np.split(c, cut) for c in cols)))
+    # Some file is laid out otherwise (or empty): file by file, the odd ones line by line.
+    out = []
+    for idx, raw in zip(idxs, raws):
+        body = raw.partition(b"\n")[2]
+        parsed = _parse_two_member_body(body) if body.endswith(b"\n") else None
+        out.append(parsed if parsed is not None else _parse_index_lines(idx, raw))
+    return out
+
+
+def _parse_index_lines(idx: str, raw: bytes):
+    lines = raw.decode().splitlines()
+    cols = [[], [], [], []]
+    for n, line in enumerate(lines[1:], 2):
+        parts = line.split()
+        members = {parts[j]: (int(parts[j + 1]), int(parts[j + 2])) for j in range(0, len(parts), 4)}
+        if "jpg" not in members or "cls" not in members:
+            raise ShardError(f"{idx}:{n}: sample lacks a jpg or cls member")
+        for c, v in zip(cols, (*members["jpg"], *members["cls"])):
+            c.append(v)
+    return tuple(np.asarray(c, np.int64) for c in cols)
+
+
+_POW10 = 10 ** np.arange(19, dtype=np.int64)
+
+
+def _parse_two_member_body(body: bytes):
+    """(jpg_off, jpg_size, cls_off, cls_size) of index lines (header removed) that are every one
+    exactly ``cls off size name jpg off size name`` (or jpg first), single-spaced, as stm-shards
+    writes; None for anything else. Token bounds come from the separator positions and the
+    numbers from the digit bytes, all in numpy: ImageNet's 1.28 M lines took 7 s per rank with a
+    Python loop per line on the 2-core box."""
+    a = np.frombuffer(body, np.uint8)
+    seps = np.flatnonzero((a == 32) | (a == 10))
+    if len(seps) % 8:
+        return None
+    seps = seps.reshape(-1, 8)  # 7 spaces then the newline, per line, if the layout holds
+    if (a[seps[:, 7]] != 10).any() or (a[seps[:, :7]] != 32).any():
+        return None
+    starts = np.empty_like(seps)
+    starts[0, 0] = 0
+    starts[1:, 0] = seps[:-1, 7] + 1
+    starts[:, 1:] = seps[:, :7] + 1
+    lengths = seps - starts
+    if (lengths <= 0).any():
+        return None
+
+    def is_word(t, word):
+        s, w = starts[:, t], np.frombuffer(word, np.uint8)
+        return bool((lengths[:, t] == 3).all() and all((a[s + i] == w[i]).all() for i in range(3)))
+
+    if is_word(0, b"jpg") and is_word(4, b"cls"):
+        j, c = 0, 4
+    elif is_word(0, b"cls") and is_word(4, b"jpg"):
+        j, c = 4, 0
+    else:
+        return None
+
+    def number(t):
+        length = lengths[:, t]
+        width = int(length.max())
+        if width > 18:  # beyond int64
+            return None
+        # Right-aligned digit matrix: column i holds the digit of 10**(width-1-i), 0 left of it.
+        place = np.arange(width - 1, -1, -1)
+        pos = seps[:, t, None] - 1 - place  # the token ends at its separator
+        inside = place < length[:, None]
+        d = a[np.where(inside, pos, 0)].astype(np.int64) - 48
+        if ((d < 0) | (d > 9))[inside].any():
+            return None
+        d[~inside] = 0
+        return d @ _POW10[place]
+
+    cols = tuple(number(t) for t in (j + 1, j + 2, c + 1, c + 2))
+    return None if any(x is None for x in cols) else cols
 
 
 class EpochPlan:
