@@ -6,6 +6,11 @@ Both loops do the same work per step: set the LR, forward under the same autocas
 CE, backward, clip to 5.0, fused AdamW step, SyncBatchNorm in both. Batches are made once
 before timing (random tensors, or real ones from --data shards), so the number is the
 engine's cost, not the input pipeline's.
+
+A mode may name its own DeepSpeed JSON, `zero3:ds_configs/variants/zero3_fp32_per_module.json`,
+to time two settings of one stage side by side. Besides wall-clock steps/s the bench reports
+CPU seconds per step (process time, mean over ranks): on a box shared with other jobs the wall
+clock counts the time a rank waits to be scheduled, the CPU time mostly does not.
 """
 import argparse
 import json
@@ -28,12 +33,14 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="the same autocast precision for the plain loop and the engine")
-    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {MODES}")
+    p.add_argument("--modes", default=",".join(MODES),
+                   help=f"comma-separated subset of {MODES}; a ZeRO mode may name its DeepSpeed JSON: zero3:PATH")
     p.add_argument("--repeat", type=int, default=1,
                    help="run the modes round-robin this many times and report each mode's median (noisy machines)")
     p.add_argument("--data", default=None, help="shard dir: time on real training batches instead of random ones")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--ds-config", default=None, help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
@@ -69,7 +76,7 @@ def _worker(args) -> dict:
     from stm_dist.models import create_model
     from stm_dist.models.param_groups import param_groups
 
-    mode = args.worker
+    mode = args.worker.split(":", 1)[0]
     rank, world, device = init(use_deepspeed=mode != "torch")
     torch.manual_seed(0)
     model = create_model(args.model, num_classes=args.num_classes, img_size=args.img_size)
@@ -100,7 +107,7 @@ def _worker(args) -> dict:
     else:
         runner = build_engine(model, precision=args.precision, zero_stage=int(mode[-1]),
                               global_batch=args.micro_batch * world, micro_batch=args.micro_batch,
-                              channels_last=False, lr=1e-3)
+                              channels_last=False, lr=1e-3, ds_config=args.ds_config)
 
         def step(i, x, t):
             return runner.train_step([(x, t)])
@@ -108,14 +115,16 @@ def _worker(args) -> dict:
     for i in range(args.warmup):
         step(i, *batches[i])
     torch.distributed.barrier()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for i in range(args.warmup, n):
         last = step(i, *batches[i])
     float(last)  # the steps are asynchronous on a GPU: wait for the last one
+    cpu = torch.tensor([time.process_time() - c0], dtype=torch.float64)
     torch.distributed.barrier()
     dt = time.perf_counter() - t0
-    return {"mode": mode, "steps_per_s": args.steps / dt, "img_per_s": args.steps * args.micro_batch * world / dt,
-            "world_size": world, "precision": args.precision}
+    torch.distributed.all_reduce(cpu)
+    return {"mode": args.worker, "steps_per_s": args.steps / dt, "img_per_s": args.steps * args.micro_batch * world / dt,
+            "cpu_s_per_step": float(cpu) / world / args.steps, "world_size": world, "precision": args.precision}
 
 
 def _launch(args, mode: str) -> dict:
@@ -130,6 +139,8 @@ def _launch(args, mode: str) -> dict:
         fwd = ["--model", args.model, "--img-size", str(args.img_size), "--num-classes", str(args.num_classes),
                "--micro-batch", str(args.micro_batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--precision", args.precision, "--worker", mode, "--result", result]
+        if ":" in mode:
+            fwd += ["--ds-config", mode.split(":", 1)[1]]
         if args.data:
             fwd += ["--data", args.data]
         cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_accelerators", str(args.procs),
@@ -153,9 +164,13 @@ def run(args):
                 json.dump(r, f)
         finish(0)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    bad = [m for m in modes if m not in MODES]
+    bad = [m for m in modes if m.split(":", 1)[0] not in MODES]
     if bad:
-        raise SystemExit(f"stm-bench train: unknown mode(s) {bad}; choose from {MODES}")
+        raise SystemExit(f"stm-bench train: unknown mode(s) {bad}; choose from {MODES} (a ZeRO mode may add :PATH)")
+    for m in modes:
+        if ":" in m:
+            stage, path = m.split(":", 1)
+            _check_mode_config(stage, path, args.precision)
     print(f"{args.model} @ {args.img_size}px, micro-batch {args.micro_batch} x {args.procs} processes, "
           f"{args.steps} timed steps after {args.warmup} warm-up ({args.precision} for DeepSpeed)")
     runs = {m: [] for m in modes}
@@ -163,25 +178,50 @@ def run(args):
         for m in modes:
             r = _launch(args, m)
             runs[m].append(r)
-            print(f"  [{rep + 1}/{args.repeat}] {m:6s} {r['steps_per_s']:7.3f} steps/s  {r['img_per_s']:8.1f} img/s",
-                  flush=True)
+            print(f"  [{rep + 1}/{args.repeat}] {m:6s} {r['steps_per_s']:7.3f} steps/s  {r['img_per_s']:8.1f} img/s"
+                  f"  {r['cpu_s_per_step']:6.3f} CPU s/step", flush=True)
     results = []
     for m in modes:
         ordered = sorted(runs[m], key=lambda r: r["steps_per_s"])
-        med = dict(ordered[len(ordered) // 2], all_steps_per_s=[r["steps_per_s"] for r in runs[m]])
+        cpus = sorted(r["cpu_s_per_step"] for r in runs[m])
+        med = dict(ordered[len(ordered) // 2], all_steps_per_s=[r["steps_per_s"] for r in runs[m]],
+                   cpu_s_per_step=cpus[len(cpus) // 2], all_cpu_s_per_step=[r["cpu_s_per_step"] for r in runs[m]])
         results.append(med)
         if args.repeat > 1:
-            print(f"  median {m:6s} {med['steps_per_s']:7.3f} steps/s")
+            print(f"  median {m:6s} {med['steps_per_s']:7.3f} steps/s  {med['cpu_s_per_step']:6.3f} CPU s/step")
     base = next((r for r in results if r["mode"] == "torch"), None)
     if base:
         for r in results:
             if r["mode"] != "torch":
                 r["overhead_pct"] = 100.0 * (base["steps_per_s"] / r["steps_per_s"] - 1.0)
-                print(f"  {r['mode']}: {r['overhead_pct']:+.1f}% time per step vs the plain torch loop")
+                r["cpu_overhead_pct"] = 100.0 * (r["cpu_s_per_step"] / base["cpu_s_per_step"] - 1.0)
+                print(f"  {r['mode']}: {r['overhead_pct']:+.1f}% time per step, {r['cpu_overhead_pct']:+.1f}% CPU time "
+                      f"per step vs the plain torch loop")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
     return results
+
+
+def _check_mode_config(stage: str, path: str, precision: str):
+    """A mode's own JSON must exist and be of the mode's stage and --precision: one line naming
+    both, not a traceback from inside the launched ranks."""
+    from stm_dist.engine import ds_setup
+    from stm_dist.engine.config import ConfigError
+
+    if stage == "torch":
+        raise SystemExit(f"stm-bench train: mode 'torch:{path}': the plain torch loop takes no DeepSpeed JSON")
+    try:
+        raw = ds_setup.load_json(path)
+    except ConfigError as e:
+        raise SystemExit(f"stm-bench train: mode '{stage}:{path}': {e}") from None
+    found, prec = ds_setup.zero_stage(raw), ds_setup.precision_name(raw)
+    if prec != precision:
+        raise SystemExit(f"stm-bench train: mode '{stage}:{path}': the file's mixed_precision.dtype is {prec!r} but "
+                         f"--precision is {precision!r}; pass --precision {prec} or a {precision} file")
+    if found != int(stage[-1]):
+        raise SystemExit(f"stm-bench train: mode '{stage}:{path}': the file is ZeRO stage {found}; "
+                         f"write it as zero{found}:{path}")
 
 
 def main(argv=None):

@@ -58,6 +58,8 @@ class Built:
     # on the device when told a gradient is non-finite) and clip ourselves; DeepSpeed's own
     # ZeRO-0 path would clip with a host sync and apply a NaN step.
     own_optimizer: bool
+    # ZeRO 3 only: "block" gathers each residual block's parameters as one unit (FETCH_UNIT_KEY).
+    fetch_unit: str = "module"
 
 
 # data_types values that cannot fight the precision design (engine/precision.py), per mode:
@@ -102,12 +104,59 @@ def _check_sections(ds: dict, path: str):
                               f"({why}); remove it or choose another mixed_precision.dtype")
 
 
+# Ours, removed before DeepSpeed sees the JSON. "block": every residual block of the model
+# (model.stages[i][j]) is a DeepSpeed "z3 leaf", so ZeRO 3 gathers all of a block's parameters
+# in one all-gather and runs its fetch/release hooks once per block instead of once per
+# sub-module (LayerNorm, each conv/linear, the block's own layer-scale gammas): on 2 gloo
+# processes those per-module hooks and collectives cost as much as this model's compute
+# (docs/perf.md). Parameters stay partitioned between uses; at most one block (plus
+# prefetch) is whole at a time, FSDP's usual wrapping unit. "module" is DeepSpeed's default.
+# DeepSpeed's own `stage3_module_granularity_threshold` cannot do this here: it picks modules
+# top-down and always takes the stem first, whose input needs no gradient, so its full
+# backward hook fires before the stem's weight gradients exist and backward fails.
+FETCH_UNIT_KEY = "zero3_fetch_unit"
+_FETCH_UNITS = ("block", "module")
+
+
+def _fetch_unit(ds: dict, path: str, stage: int) -> str:
+    """Read (and remove) FETCH_UNIT_KEY; absent means "block" at ZeRO 3."""
+    if FETCH_UNIT_KEY not in ds:
+        return "block" if stage == 3 else "module"
+    unit = ds.pop(FETCH_UNIT_KEY)
+    if unit not in _FETCH_UNITS:
+        raise ConfigError(f"'deepspeed.config' {path}: '{FETCH_UNIT_KEY}' is {unit!r}; choose "
+                          f"{' or '.join(map(repr, _FETCH_UNITS))}")
+    if stage != 3:
+        raise ConfigError(f"'deepspeed.config' {path}: '{FETCH_UNIT_KEY}' only applies to ZeRO stage 3 "
+                          f"(zero_optimization.stage is {stage}); remove it")
+    return unit
+
+
+def mark_block_leaves(model) -> int:
+    """Make every residual block a ZeRO-3 leaf (see FETCH_UNIT_KEY); returns how many.
+
+    Not under gradient checkpointing: a leaf's gradients are reduced from its full backward
+    hook, which a recomputed block would fire before its recomputed backward is done."""
+    from deepspeed.utils import set_z3_leaf_module
+
+    stages = getattr(model, "stages", None)
+    if stages is None or getattr(model, "grad_checkpointing", False):
+        return 0
+    n = 0
+    for stage in stages:
+        for block in stage:
+            set_z3_leaf_module(block, True)
+            n += 1
+    return n
+
+
 def check(cfg):
     """The DeepSpeed JSON's errors, before any process group starts (no engine is built)."""
     path = cfg.deepspeed.config
     ds = load_json(path)
     _check_owned(ds, path)
     _check_sections(ds, path)
+    _fetch_unit(ds, path, zero_stage(ds))
     import warnings
 
     with warnings.catch_warnings():  # the pure_bf16 warning is given once, by build()
@@ -129,6 +178,7 @@ def build(cfg, world_size: int, accelerator: str, load_universal: bool = False) 
     _check_sections(ds, path)
     prec = precision_mod.parse(ds, path)
     stage = zero_stage(ds)
+    unit = _fetch_unit(ds, path, stage)
     t, o = cfg.train, cfg.optim
     ds["train_batch_size"] = t.global_batch
     ds["train_micro_batch_size_per_gpu"] = t.micro_batch
@@ -152,7 +202,7 @@ def build(cfg, world_size: int, accelerator: str, load_universal: bool = False) 
             params["adam_w_mode"] = True
     if load_universal:
         ds.setdefault("checkpoint", {})["load_universal"] = True
-    return Built(ds, prec, stage, own)
+    return Built(ds, prec, stage, own, unit)
 
 
 def initialize(built: Built, model, groups, cfg):
@@ -166,6 +216,8 @@ def initialize(built: Built, model, groups, cfg):
         optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                       weight_decay=o.weight_decay, fused=True)
         groups = None
+    if built.zero_stage == 3 and built.fetch_unit == "block":
+        mark_block_leaves(model)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=optimizer,
                                                    config=built.ds)
     return engine, optimizer

@@ -121,8 +121,11 @@ def prepare_model(model: torch.nn.Module, world_size: int, channels_last: bool) 
 
 def build_engine(model, precision: str = "bf16", zero_stage: int = 1, global_batch: int = 128,
                  micro_batch: int = 128, compile: bool = False, channels_last: bool = True, lr: float = 1e-3,
-                 weight_decay: float = 0.05, clip_grad: float = 5.0) -> StepRunner:
-    """The trainer's engine on a bare model, for benchmarks (needs the process group up)."""
+                 weight_decay: float = 0.05, clip_grad: float = 5.0, ds_config: str | None = None) -> StepRunner:
+    """The trainer's engine on a bare model, for benchmarks (needs the process group up).
+
+    ds_config: a DeepSpeed JSON to use instead of the shipped ds_configs/zero{stage}_{precision}.json
+    (zero_stage and precision are then read from it)."""
     from stm_dist.models.param_groups import param_groups
 
     from stm_dist import package_data
@@ -137,8 +140,8 @@ def build_engine(model, precision: str = "bf16", zero_stage: int = 1, global_bat
     cfg = ExperimentConfig()
     cfg.train.global_batch, cfg.train.micro_batch = global_batch, micro_batch
     cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.clip_grad = lr, weight_decay, clip_grad
-    cfg.deepspeed.config = os.path.join(package_data.folder("ds_configs") or "ds_configs",
-                                        f"zero{zero_stage}_{precision}.json")
+    cfg.deepspeed.config = ds_config or os.path.join(package_data.folder("ds_configs") or "ds_configs",
+                                                     f"zero{zero_stage}_{precision}.json")
     built = ds_setup.build(cfg, world, accel)
     model = prepare_model(model, world, channels_last).to(device)
     groups = param_groups(model, weight_decay=weight_decay)

@@ -1,0 +1,68 @@
+"""ZeRO 3 gathering each residual block as one unit (`zero3_fetch_unit`, engine/ds_setup.py):
+the same losses as ZeRO 2 and as DeepSpeed's per-sub-module fetching, every parameter still
+partitioned between steps; a bad value of the key is a config error naming it."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from engine_launch import BIN, env, free_port
+
+from stm_dist.engine import ds_setup
+from stm_dist.engine.config import REPO_ROOT, ConfigError, load
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "zero3_fetch_worker.py")
+DEMO = os.path.join(REPO_ROOT, "configs", "demo_digits.yaml")
+
+
+@pytest.mark.slow
+def test_block_fetch_trains_like_zero2_and_keeps_every_parameter_partitioned(tmp_path):
+    out = str(tmp_path / "r.json")
+    cmd = [os.path.join(BIN, "deepspeed"), "--num_accelerators", "2", "--master_port", str(free_port()),
+           WORKER, "--out", out]
+    p = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    r = json.load(open(out))
+    z2, block, module = r["z2"]["losses"], r["z3_block"]["losses"], r["z3_module"]["losses"]
+    assert len(z2) == 3 and z2[-1] != z2[0]
+    for a, b, c in zip(z2, block, module):
+        assert abs(b - a) <= 1e-5 * abs(a) and abs(c - a) <= 1e-5 * abs(a), (z2, block, module)
+    # unified_convnext_micro has 3 + 3 + 8 + 3 blocks.
+    assert r["z3_block"]["n_leaf_blocks"] == 17 and r["z3_module"]["n_leaf_blocks"] == 0
+    assert r["z3_block"]["n_persistent"] == 0 and r["z3_block"]["n_whole_between_steps"] == 0
+    # The old per-module setting kept small tensors whole: what the shipped one no longer does.
+    assert r["z3_module"]["n_persistent"] == r["z3_module"]["n_whole_between_steps"] > 0
+
+
+def _cfg(tmp_path, base: str, **keys):
+    with open(os.path.join(REPO_ROOT, "ds_configs", base)) as f:
+        ds = json.load(f)
+    ds.update(keys)
+    path = str(tmp_path / "ds.json")
+    with open(path, "w") as f:
+        json.dump(ds, f)
+    return load(DEMO, [f"deepspeed.config={path}"])
+
+
+def test_shipped_zero3_configs_fetch_by_block_and_deepspeed_never_sees_the_key(tmp_path):
+    for prec in ("fp32", "bf16", "fp16"):
+        cfg = load(DEMO, [f"deepspeed.config={os.path.join(REPO_ROOT, 'ds_configs', f'zero3_{prec}.json')}"])
+        built = ds_setup.build(cfg, world_size=1, accelerator="cpu")
+        assert built.fetch_unit == "block" and ds_setup.FETCH_UNIT_KEY not in built.ds
+        assert built.ds["zero_optimization"]["stage3_param_persistence_threshold"] == 0
+    built = ds_setup.build(_cfg(tmp_path, "zero3_fp32.json", zero3_fetch_unit="module"), 1, "cpu")
+    assert built.fetch_unit == "module"
+
+
+@pytest.mark.parametrize("base, value, named", [
+    ("zero3_fp32.json", "layer", r"'zero3_fetch_unit' is 'layer'; choose 'block' or 'module'"),
+    ("zero2_fp32.json", "block", r"'zero3_fetch_unit' only applies to ZeRO stage 3 \(zero_optimization.stage is 2\)"),
+])
+def test_bad_fetch_unit_is_named_before_any_process_starts(tmp_path, base, value, named):
+    cfg = _cfg(tmp_path, base, zero3_fetch_unit=value)
+    with pytest.raises(ConfigError, match=named):
+        ds_setup.check(cfg)
+    with pytest.raises(ConfigError, match=named):
+        ds_setup.build(cfg, 1, "cpu")
