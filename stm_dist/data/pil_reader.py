@@ -156,11 +156,18 @@ class PilValLoader:
         self.num_samples = self.hi - self.lo
         self.batch_size, self.device, self.num_threads = batch_size, device, num_threads
         self.dataset = _ShardSamples(SampleTable(tars, idxs), val_transform(img_size, crop_pct), dont_use_mmap)
+        self._loader = None
 
     def __len__(self):
         return -(-self.num_samples // self.batch_size)
 
     def __iter__(self):
-        items = [(i, None) for i in range(self.lo, self.hi)]
-        for images, labels in _loader(self.dataset, items, self.batch_size, min(self.num_threads, os.cpu_count() or 1), False):
+        if self._loader is None:
+            # One loader for every pass, its workers kept alive: starting them cost ~1.4 s per
+            # evaluation. Exact-once holds across passes, an abandoned one included: a new pass
+            # on a persistent loader restarts the sampler and drops what was still in flight.
+            items = [(i, None) for i in range(self.lo, self.hi)]
+            self._loader = _loader(self.dataset, items, self.batch_size, min(self.num_threads, os.cpu_count() or 1),
+                                   False, persistent=True)
+        for images, labels in self._loader:
             yield images.to(self.device), labels.to(self.device, torch.int64)
