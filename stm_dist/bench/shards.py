@@ -77,6 +77,7 @@ def run(args) -> dict:
         versions = [("stm-shards", here)] + ([("baseline", os.path.abspath(args.baseline))] if args.baseline else [])
         times = {name: [] for name, _ in versions}
         n = 0
+        load0 = os.getloadavg()[0]
         for _ in range(max(1, args.repeats)):
             for name, root in versions:
                 out = os.path.join(tmp, "shards")
@@ -84,15 +85,17 @@ def run(args) -> dict:
                 times[name].append((r["wall"], r["cpu"]))
                 n = r["n"]
                 shutil.rmtree(out)
+    load1 = os.getloadavg()[0]
     med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for k, v in times.items()}
     t_create = med["stm-shards"][0]
     res = {"images": n, "MB": mb, "tar_s": t_tar, "create_s": t_create, "workers": args.workers,
            "tar_img_per_s": n / t_tar, "create_img_per_s": n / t_create,
-           "create_cpu_ms_per_img": 1e3 * med["stm-shards"][1] / n}
+           "create_cpu_ms_per_img": 1e3 * med["stm-shards"][1] / n, "load_before": load0, "load_after": load1}
     if args.baseline:
         res.update(baseline_s=med["baseline"][0], baseline_img_per_s=n / med["baseline"][0],
                    baseline_cpu_ms_per_img=1e3 * med["baseline"][1] / n)
-    print(f"{n} images, {mb:.1f} MB, split {args.split!r}, create --workers {args.workers}")
+    print(f"{n} images, {mb:.1f} MB, split {args.split!r}, create --workers {args.workers}; 1-min load average "
+          f"{load0:.1f} before, {load1:.1f} after ({os.cpu_count()} cores)")
     print(f"tar cf          {t_tar:7.2f} s  {n / t_tar:9.1f} img/s  {mb / t_tar:7.1f} MB/s")
     for name, (w, c) in med.items():
         print(f"{name:<15} {w:7.2f} s  {n / w:9.1f} img/s  {mb / w:7.1f} MB/s  CPU {1e3 * c / n:.2f} ms/img"
