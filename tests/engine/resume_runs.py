@@ -1,5 +1,6 @@
 """Helpers of the resume tests: a digits subset whose epoch is a few steps (so epoch-end
-checkpoints and evaluations come early), and a launch that SIGKILLs when a condition holds."""
+checkpoints and evaluations come early), a launch that SIGKILLs when a condition holds, and
+damage done to a checkpoint file."""
 import os
 import signal
 import subprocess
@@ -57,3 +58,18 @@ def run_and_kill_when(procs, run_dir, shards, condition, extra=(), timeout=600):
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
         log.close()
+
+
+def damage(path: str, how: str):
+    """Damage a checkpoint file the way storage does: `truncate` it to half (a torn write), or
+    `flip` one bit in its middle (same size: only the recorded checksum can tell)."""
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        if how == "truncate":
+            f.truncate(size // 2)
+            return
+        assert how == "flip", how
+        f.seek(size // 2)
+        byte = f.read(1)[0]
+        f.seek(size // 2)
+        f.write(bytes([byte ^ 0x10]))

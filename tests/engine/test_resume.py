@@ -1,17 +1,21 @@
 """Fault tolerance under the real `deepspeed` launcher with 2 CPU processes (gloo), every
 stochastic part of the recipe on (RandAugment, mixup/cutmix, random erasing, smoothing, EMA):
-a SIGKILL mid-epoch, right after a checkpoint or during an epoch-end evaluation, then a restart,
-gives the uninterrupted run's losses bit for bit; an evaluation the kill cut short is re-run
-once; a truncated newest checkpoint is skipped; a ZeRO-3 export equals the live weights."""
+under each of ZeRO 1, 2 and 3, one run SIGKILLed during an epoch-end evaluation, right after a
+checkpoint and mid-epoch, restarted after each kill, gives the uninterrupted run's losses and
+evaluations bit for bit; the evaluation the kill cut short is re-run once; a truncated or
+bit-flipped newest checkpoint is skipped, naming the file; a checkpoint that fails to load falls
+back on every rank; a ZeRO-3 export equals the live weights."""
 import os
+import re
 import subprocess
 import sys
+from typing import Callable, NamedTuple
 
 import pytest
 import torch
 
 from engine_launch import env, records, run_train, train_records
-from resume_runs import complete, run_and_kill_when, write_short_epoch_shards
+from resume_runs import complete, damage, run_and_kill_when, write_short_epoch_shards
 
 pytestmark = pytest.mark.slow
 
@@ -20,9 +24,48 @@ pytestmark = pytest.mark.slow
 STEPS = 12
 AUGMENT = ["data.randaug=true", "augment.mixup=0.8", "augment.cutmix=1.0", "augment.reprob=0.25",
            "checkpoint.every_steps=2", "checkpoint.every_epochs=1", "train.eval_every_epochs=1"]
-# Each ZeRO stage is killed at one of the three points (one reference run per stage).
-KILL_POINT = {1: "mid_epoch", 2: "after_checkpoint", 3: "during_eval"}
 _refs = {}
+
+
+def last_step(run):
+    return max((r["step"] for r in train_records(run)), default=0)
+
+
+class Kill(NamedTuple):
+    """One kill of a stage's chain: the launch runs `until` the condition holds on the run dir,
+    is SIGKILLed, `check` confirms where it died (from the records at the kill), and the next
+    launch must resume from step `resume_at`."""
+    point: str
+    until: Callable[[str], bool]
+    check: Callable[[list], bool]
+    resume_at: int
+
+
+def _train_steps(recs):
+    return [r["step"] for r in recs if r["kind"] == "train"]
+
+
+def _evals_at_kill(recs):
+    return [r["step"] for r in recs if r["kind"] == "eval"]
+
+
+# The order a run meets the three points; each restart continues the chain (4 launches a stage).
+CHAIN = [
+    # The epoch-end checkpoint (step 6) is written before the epoch-0 evaluation: killed in between.
+    Kill("during the epoch-0 evaluation", lambda d: complete(d, 6),
+         lambda recs: max(_train_steps(recs)) == 6 and not _evals_at_kill(recs), resume_at=6),
+    # The moment step 8's COMPLETE marker exists, before step 9 is logged.
+    Kill("right after the step-8 checkpoint", lambda d: complete(d, 8),
+         lambda recs: max(_train_steps(recs)) == 8, resume_at=8),
+    # Step 11 is logged: the step-10 checkpoint is done, step 12 (the epoch end) is not.
+    Kill("mid-epoch, at step 11", lambda d: last_step(d) >= 11,
+         lambda recs: max(_train_steps(recs)) == 11 and _evals_at_kill(recs) == [6], resume_at=10),
+]
+# Before the last restart the newest checkpoint (step 10) is damaged in some stages: the restart
+# must skip it, naming the file, and resume step 8 instead.
+DAMAGE = {1: ("truncate", "mp_rank_00_model_states.pt", "has {} bytes"),
+          2: ("flip", "zero_pp_rank_1_mp_rank_00_optim_states.pt", "does not match its checksum"),
+          3: None}
 
 
 def extra(stage):
@@ -57,6 +100,18 @@ def log_text(run):
         return f.read()
 
 
+def log_size(run):
+    path = os.path.join(run, "train.log")
+    return os.path.getsize(path) if os.path.exists(path) else 0
+
+
+def log_since(run, offset):
+    """What the log gained after `offset` bytes: one start's lines (the log is appended to)."""
+    with open(os.path.join(run, "train.log"), "rb") as f:
+        f.seek(offset)
+        return f.read().decode()
+
+
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     return str(tmp_path_factory.mktemp("resume"))
@@ -67,54 +122,64 @@ def short_shards(tmp_path_factory):
     return write_short_epoch_shards(str(tmp_path_factory.mktemp("digits96")))
 
 
-def _kill(stage, run, shards):
-    """Run until the stage's kill point, SIGKILL everything; returns the step resumed from."""
-    point = KILL_POINT[stage]
-    if point == "mid_epoch":  # step 5 is logged: the step-4 checkpoint is done, step 6 is not
-        seen = run_and_kill_when(2, run, shards, lambda d: any(r["step"] >= 5 for r in train_records(d)), extra(stage))
-        assert max(r["step"] for r in seen if r["kind"] == "train") < 6, "not killed mid-epoch"
-        # Truncate the step-4 checkpoint too: the restart must skip it and fall back to step 2.
-        victim = os.path.join(run, "checkpoints", "step000000004", "mp_rank_00_model_states.pt")
-        with open(victim, "r+b") as f:
-            f.truncate(os.path.getsize(victim) // 2)
-        return 2
-    if point == "after_checkpoint":  # the moment step 8's marker is written, before step 9 is logged
-        seen = run_and_kill_when(2, run, shards, lambda d: complete(d, 8), extra(stage))
-        assert max(r["step"] for r in seen if r["kind"] == "train") == 8
-        return 8
-    # during_eval: the epoch-end checkpoint (step 6) is written before the evaluation of epoch 0
-    seen = run_and_kill_when(2, run, shards, lambda d: complete(d, 6), extra(stage))
-    assert not [r for r in seen if r["kind"] == "eval"], "the evaluation finished before the kill"
-    return 6
+def _resumed_step(segment: str) -> int:
+    found = re.findall(r"resumed from \S+/step(\d{9}) at epoch", segment)
+    assert len(found) == 1, f"expected one 'resumed from' in this start's log:\n{segment[-3000:]}"
+    return int(found[0])
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_sigkill_then_restart_is_bit_identical(stage, short_shards, root):
+def test_sigkill_at_each_point_then_restart_is_bit_identical(stage, short_shards, root):
+    """One chain per stage: killed during an evaluation, right after a checkpoint and mid-epoch,
+    each time restarted; every step's loss and both evaluations equal the uninterrupted run's."""
     ref = reference(stage, short_shards, root)
     ref_losses = losses(ref)
     assert sorted(ref_losses) == list(range(1, STEPS + 1))
     assert [r["step"] for r in evals(ref)] == [6, 12]
 
-    run = os.path.join(root, f"killed_zero{stage}")
-    resumed_from = _kill(stage, run, short_shards)
+    run = os.path.join(root, f"chain_zero{stage}")
+    segments = []  # the train.log each start wrote: the first start, then one per restart
+    for kill in CHAIN:
+        offset = log_size(run)
+        seen = run_and_kill_when(2, run, short_shards, kill.until, extra(stage))
+        assert kill.check(seen), f"ZeRO {stage}: not killed {kill.point}: steps {_train_steps(seen)}, " \
+                                 f"evaluations {_evals_at_kill(seen)}"
+        segments.append(log_since(run, offset))
+    damage_spec = DAMAGE[stage]
+    if damage_spec:
+        how, rel, message = damage_spec
+        victim = os.path.join(run, "checkpoints", "step000000010", rel)
+        written = os.path.getsize(victim)
+        damage(victim, how)
+        message = message.format(os.path.getsize(victim))
+    offset = log_size(run)
     run_train(2, run, short_shards, extra(stage))
-    text = log_text(run)
-    assert "resumed from" in text
-    assert f"step{resumed_from:09d}" in text.split("resumed from")[-1].splitlines()[0]
-    if KILL_POINT[stage] == "mid_epoch":
-        assert "skipping checkpoint" in text and "step000000004: file mp_rank_00_model_states.pt has" in text
-    if KILL_POINT[stage] == "during_eval":
-        assert "evaluation pending for epoch 0 (step 6)" in text
-    resumed = losses(run)
-    assert sorted(resumed) == list(range(1, STEPS + 1))
-    for step in range(resumed_from + 1, STEPS + 1):
-        assert resumed[step] == ref_losses[step], f"ZeRO {stage}: step {step} loss differs after resume"
+    segments.append(log_since(run, offset))
+
+    assert "resumed from" not in segments[0]
+    expected = [k.resume_at for k in CHAIN]
+    if damage_spec:
+        expected[-1] = 8
+        assert f"skipping checkpoint {run}/checkpoints/step000000010: file {rel} {message}" in segments[-1], \
+            segments[-1][-3000:]
+        if how == "truncate":
+            assert f"{written} were written" in segments[-1]
+    assert [_resumed_step(s) for s in segments[1:]] == expected, f"ZeRO {stage}"
+    # The evaluation the first kill cut short is re-run by the next start, and by no other.
+    pending = [i for i, s in enumerate(segments) if "evaluation pending for epoch 0 (step 6)" in s]
+    assert pending == [1], pending
+
+    # Every time a step ran, in any start, it gave the uninterrupted run's loss bit for bit.
+    ran = train_records(run)
+    assert sorted({r["step"] for r in ran}) == list(range(1, STEPS + 1))
+    for r in ran:
+        assert r["loss"] == ref_losses[r["step"]], f"ZeRO {stage}: step {r['step']} loss differs after a restart"
     # Each evaluation shows once, and equals the reference's (weights and EMA restored exactly).
     got = evals(run)
     assert [r["step"] for r in got] == [6, 12], [r["step"] for r in got]
     for e_run, e_ref in zip(got, evals(ref)):
         for k in ("loss", "top1", "loss_ema", "top1_ema"):
-            assert e_run[k] == e_ref[k], (e_run["step"], k)
+            assert e_run[k] == e_ref[k], (stage, e_run["step"], k)
 
 
 def test_zero3_export_equals_live_weights_and_eval_matches(short_shards, root, tmp_path):
