@@ -23,6 +23,10 @@ def _create(a) -> int:
     except (CreateError, SourceError) as e:
         print(f"stm-shards create: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the output folder itself: not creatable, not writable, disk full
+        print(f"stm-shards create: error: {e.filename or a.out}: {e.strerror or e}; choose a writable --out",
+              file=sys.stderr)
+        return 2
     c = man["counts"]
     print(f"{a.split}: {c['samples']} samples in {len(man['shards'])} shards, {man['num_classes']} classes, "
           f"{c['skipped']} skipped, {c['reencoded']} re-encoded -> {os.path.join(a.out, a.split + '.json')}")

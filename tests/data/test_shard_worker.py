@@ -133,3 +133,14 @@ def test_a_killed_worker_stops_the_run_with_one_clear_error(tmp_path, monkeypatc
         create_shards(str(tmp_path / "src"), "train", str(tmp_path / "out"), samples_per_shard=3, workers=2,
                       progress=False)
     assert not list((tmp_path / "out").glob(".*.tar.tmp"))
+
+
+def test_an_unusable_output_folder_is_one_error_line(tmp_path, capsys):
+    from tests.data.conftest import run_cli
+
+    _bad_source(tmp_path / "src")
+    (tmp_path / "afile").write_text("not a folder")
+    out = tmp_path / "afile" / "shards"
+    assert run_cli("create", "--src", tmp_path / "src", "--split", "train", "--out", out, "--no-progress") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(out) in err[0] and "writable --out" in err[0], err
