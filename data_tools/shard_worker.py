@@ -248,6 +248,9 @@ def run_tasks(ctx, tasks: list, processes: int):
 
     Results: ("ok", record), ("error", message) or ("die",). On any exception in the caller
     (including GeneratorExit) the workers are terminated before this returns."""
+    if processes == 1:
+        yield from _run_in_process(tasks)
+        return
     tq, rq = ctx.Queue(), ctx.Queue()
     # Forked workers inherit the task list and the shared board; under spawn they would get a
     # pickled copy each and no board (no tail help).
@@ -272,6 +275,49 @@ def run_tasks(ctx, tasks: list, processes: int):
         for p in procs:
             p.join()
         tq.cancel_join_thread()  # unsent tasks of a failed run must not block our exit
+
+
+class _Commit(threading.Thread):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn, self._result, self._error = fn, None, None
+        self.start()
+
+    def run(self):
+        try:
+            self._result = self.fn()
+        except BaseException as e:  # a bug, not a disk error (those are results): raise it in the caller
+            self._error = e
+
+    @property
+    def result(self):
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+
+def _run_in_process(tasks):
+    """One worker: no process to start (library callers keep their process to themselves), and
+    the commit of one shard still overlaps the writing of the next."""
+    pending = None
+    try:
+        for task in tasks:
+            res = _write_data(task)
+            if pending is not None:
+                pending.join()
+                done, pending = pending.result, None
+                yield done
+            if res[0] == "commit":
+                pending = _Commit(res[1])
+            else:
+                yield res
+        if pending is not None:
+            pending.join()
+            done, pending = pending.result, None
+            yield done
+    finally:
+        if pending is not None:  # stopped early: let the running commit finish, not tear it
+            pending.join()
 
 
 def _next_result(rq, procs):
