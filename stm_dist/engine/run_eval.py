@@ -80,22 +80,31 @@ class BestCheckpoints:
                  + (f" (was {was:.3f})" if was is not None else "") + f" at step {results['step']}: wrote {path}")
 
 
+def val_loader(cfg, rank: int, world: int, on_cuda: bool):
+    """The run's validation loader. Keep it: both loaders serve any number of passes (DALI resets
+    its pipeline, PIL keeps its workers), so an evaluation does not rebuild a pipeline per copy."""
+    from stm_dist.data import build_val_loader
+
+    return build_val_loader(cfg.data.val_shards, cfg.data.eval_batch, rank=rank, world_size=world,
+                            img_size=cfg.model.img_size, crop_pct=cfg.data.crop_pct,
+                            device="cuda" if on_cuda else "cpu", num_threads=cfg.data.num_threads,
+                            backend=cfg.data.backend, dont_use_mmap=cfg.data.dont_use_mmap)
+
+
 def evaluate_run(cfg, module, zero_stage: int, ema, rank: int, world: int, device, on_cuda: bool,
-                 step: int = 0, epoch: int = 0, best: BestCheckpoints | None = None) -> dict:
+                 step: int = 0, epoch: int = 0, best: BestCheckpoints | None = None, loader=None) -> dict:
     """{top1, top5, loss} of the live weights, and `*_ema` of the EMA weights when there are some.
-    With `best`, the evaluated copies that improve on the best top-1 are written as best*.pth."""
-    from stm_dist.data import build_val_loader, read_manifest
+    With `best`, the evaluated copies that improve on the best top-1 are written as best*.pth.
+    `loader`: the run's val_loader (built here when not given)."""
+    from stm_dist.data import read_manifest
 
     expected = int(read_manifest(cfg.data.val_shards, "val")["num_samples"])
+    loader = loader or val_loader(cfg, rank, world, on_cuda)
     results = {}
     sources = [("", None)] + ([("_ema", ema)] if ema is not None else [])
     for suffix, src in sources:
         # The EMA's full_state is a collective: every rank builds both copies in the same order.
         model = eval_copy(cfg, module, zero_stage, device, src.full_state() if src is not None else None)
-        loader = build_val_loader(cfg.data.val_shards, cfg.data.eval_batch, rank=rank, world_size=world,
-                                  img_size=cfg.model.img_size, crop_pct=cfg.data.crop_pct,
-                                  device="cuda" if on_cuda else "cpu", num_threads=cfg.data.num_threads,
-                                  backend=cfg.data.backend, dont_use_mmap=cfg.data.dont_use_mmap)
         r = evaluate(model, loader, device, expected_samples=expected)
         results.update({f"top1{suffix}": r["top1"], f"top5{suffix}": r["top5"], f"loss{suffix}": r["loss"]})
         if best is not None:

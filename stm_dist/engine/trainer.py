@@ -19,7 +19,7 @@ from .distributed import accelerator_name, init
 from .ema import ShardedEMA
 from .model_setup import build_model, build_train_model  # noqa: F401  (build_model: used by tools)
 from .run_checkpoints import RunCheckpoints, prepare_run_dir
-from .run_eval import BestCheckpoints, dump_live_weights, evaluate_run, lr_groups
+from .run_eval import BestCheckpoints, dump_live_weights, evaluate_run, lr_groups, val_loader
 from .run_log import RunLog
 from .schedule import Schedules, steps_per_epoch
 from .step import StepRunner, configure_cuda_speed, soft_target_cross_entropy  # noqa: F401
@@ -124,9 +124,11 @@ class Trainer:
         if getattr(self, "_best", None) is None:  # the step this start began at: see BestCheckpoints
             self._best = BestCheckpoints(self.run_dir, self.rank, self.cfg.model.name, self.state,
                                          getattr(self, "_first_step", self.step), self.log.info)
+        if getattr(self, "_val_loader", None) is None:
+            self._val_loader = val_loader(self.cfg, self.rank, self.world, self.accel == "cuda")
         results.update(evaluate_run(self.cfg, self.engine.module, self.zero_stage, self.ema, self.rank,
                                     self.world, self.device, self.accel == "cuda", step=self.step,
-                                    epoch=self.epoch, best=self._best))
+                                    epoch=self.epoch, best=self._best, loader=self._val_loader))
         set_rng_state(saved_rng)
         self.log.eval(results)
         if self.cfg.optim.layer_decay is not None:  # the lr each group trained with at this step
