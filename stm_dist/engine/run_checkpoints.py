@@ -92,7 +92,7 @@ class RunCheckpoints:
             tag, marker = self.resume
             tag_dir = os.path.join(self.src_dir, tag)
             errors = _gather(self._try_load(engine, state, load_dir, universal, tag, marker, new_ema))
-            failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+            failed = [(r, e) for r, e in enumerate(errors) if e is not None and e[0] != "peer"]
             if not failed:
                 break
             config_errors = [e[1] for _, e in failed if e[0] == "config"]
@@ -115,11 +115,14 @@ class RunCheckpoints:
                       + (f" (saved by {saved_world} processes, loaded via universal checkpoint)" if universal else ""))
 
     def _try_load(self, engine, state, load_dir: str, universal: bool, tag: str, marker: dict, new_ema):
-        """None, or (kind, message) with kind 'config' (a setting) or 'files'."""
+        """None, or (kind, message) with kind 'config' (a setting), 'files', or 'peer' (this
+        rank's files are fine, another rank's are not)."""
         tag_dir = os.path.join(self.src_dir, tag)
         why = ckpt.readable(tag_dir, self.rank, self.world)
-        if why is not None:
-            return "files", why
+        # Agree before DeepSpeed's loader: it runs collectives, and a rank that gave up alone
+        # would meet the others' loader collectives with its own gather.
+        if any(w is not None for w in _gather(why)):
+            return ("files", why) if why is not None else ("peer", None)
         groups = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
         try:
             path, _ = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
