@@ -12,6 +12,19 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 BIN = os.path.dirname(sys.executable)
 
 
+def demo_config_with_ds(tmp_path, base: str, **top_level):
+    """The demo recipe with a copy of ds_configs/`base` whose top-level keys `top_level` replace."""
+    from stm_dist.engine.config import load
+
+    with open(os.path.join(REPO, "ds_configs", base)) as f:
+        ds = json.load(f)
+    ds.update(top_level)
+    path = str(tmp_path / "ds.json")
+    with open(path, "w") as f:
+        json.dump(ds, f)
+    return load(os.path.join(REPO, "configs", "demo_digits.yaml"), [f"deepspeed.config={path}"])
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

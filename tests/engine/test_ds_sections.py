@@ -9,20 +9,12 @@ import time
 
 import pytest
 
+from engine_launch import demo_config_with_ds
+
 from stm_dist.engine import ds_setup
 from stm_dist.engine.config import REPO_ROOT, ConfigError, load
 
 DEMO = os.path.join(REPO_ROOT, "configs", "demo_digits.yaml")
-
-
-def _cfg(tmp_path, base: str, **sections):
-    with open(os.path.join(REPO_ROOT, "ds_configs", base)) as f:
-        ds = json.load(f)
-    ds.update(sections)
-    path = str(tmp_path / "ds.json")
-    with open(path, "w") as f:
-        json.dump(ds, f)
-    return load(DEMO, [f"deepspeed.config={path}"])
 
 
 @pytest.mark.parametrize("base, sections, named", [
@@ -42,7 +34,7 @@ def _cfg(tmp_path, base: str, **sections):
      "unknown key 'data_types.grad_acum_dtype' (allowed: buffer_dtype, grad_accum_dtype, param_dtype"),
 ])
 def test_fighting_sections_are_refused_by_name(tmp_path, base, sections, named):
-    cfg = _cfg(tmp_path, base, **sections)
+    cfg = demo_config_with_ds(tmp_path, base, **sections)
     t0 = time.perf_counter()
     with pytest.raises(ConfigError) as e:
         ds_setup.check(cfg)
@@ -58,7 +50,7 @@ def test_fighting_sections_are_refused_by_name(tmp_path, base, sections, named):
     ("zero1_pure_bf16.json", {"grad_accum_dtype": "fp32"}, "pure_bf16"),
 ])
 def test_agreeing_data_types_reach_deepspeed(tmp_path, base, types, mode):
-    cfg = _cfg(tmp_path, base, data_types=types)
+    cfg = demo_config_with_ds(tmp_path, base, data_types=types)
     ds_setup.check(cfg)
     built = ds_setup.build(cfg, 1, "cpu")
     assert built.precision.name == mode

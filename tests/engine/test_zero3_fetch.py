@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from engine_launch import BIN, env, free_port
+from engine_launch import BIN, demo_config_with_ds, env, free_port
 
 from stm_dist.engine import ds_setup
 from stm_dist.engine.config import REPO_ROOT, ConfigError, load
@@ -36,23 +36,13 @@ def test_block_fetch_trains_like_zero2_and_keeps_every_parameter_partitioned(tmp
     assert r["z3_module"]["n_persistent"] == r["z3_module"]["n_whole_between_steps"] > 0
 
 
-def _cfg(tmp_path, base: str, **keys):
-    with open(os.path.join(REPO_ROOT, "ds_configs", base)) as f:
-        ds = json.load(f)
-    ds.update(keys)
-    path = str(tmp_path / "ds.json")
-    with open(path, "w") as f:
-        json.dump(ds, f)
-    return load(DEMO, [f"deepspeed.config={path}"])
-
-
 def test_shipped_zero3_configs_fetch_by_block_and_deepspeed_never_sees_the_key(tmp_path):
     for prec in ("fp32", "bf16", "fp16"):
         cfg = load(DEMO, [f"deepspeed.config={os.path.join(REPO_ROOT, 'ds_configs', f'zero3_{prec}.json')}"])
         built = ds_setup.build(cfg, world_size=1, accelerator="cpu")
         assert built.fetch_unit == "block" and ds_setup.FETCH_UNIT_KEY not in built.ds
         assert built.ds["zero_optimization"]["stage3_param_persistence_threshold"] == 0
-    built = ds_setup.build(_cfg(tmp_path, "zero3_fp32.json", zero3_fetch_unit="module"), 1, "cpu")
+    built = ds_setup.build(demo_config_with_ds(tmp_path, "zero3_fp32.json", zero3_fetch_unit="module"), 1, "cpu")
     assert built.fetch_unit == "module"
 
 
@@ -61,7 +51,7 @@ def test_shipped_zero3_configs_fetch_by_block_and_deepspeed_never_sees_the_key(t
     ("zero2_fp32.json", "block", r"'zero3_fetch_unit' only applies to ZeRO stage 3 \(zero_optimization.stage is 2\)"),
 ])
 def test_bad_fetch_unit_is_named_before_any_process_starts(tmp_path, base, value, named):
-    cfg = _cfg(tmp_path, base, zero3_fetch_unit=value)
+    cfg = demo_config_with_ds(tmp_path, base, zero3_fetch_unit=value)
     with pytest.raises(ConfigError, match=named):
         ds_setup.check(cfg)
     with pytest.raises(ConfigError, match=named):
