@@ -12,7 +12,7 @@ import pytest
 from engine_launch import demo_config_with_ds
 
 from stm_dist.engine import ds_setup
-from stm_dist.engine.config import REPO_ROOT, ConfigError, load
+from stm_dist.engine.config import REPO_ROOT, ConfigError
 
 DEMO = os.path.join(REPO_ROOT, "configs", "demo_digits.yaml")
 
