@@ -37,6 +37,28 @@ class _quiet_dali_aliases(warnings.catch_warnings):
         return self
 
 
+class _autograph_scratch:
+    """DALI's conditionals (autograph) write every function they convert to a temporary .py
+    file and remove it only in an atexit hook, which a rank ending in os._exit (ours do) or a
+    kill never runs: ~47 files in /tmp per RandAugment pipeline, thousands on a shared node.
+    Tracing the graph in a private folder that is removed once traced leaves none; the
+    converted code is only run while the graph is traced."""
+
+    def __enter__(self):
+        import tempfile
+
+        self._old, self.dir = tempfile.tempdir, tempfile.mkdtemp(prefix="stm-dali-autograph-")
+        tempfile.tempdir = self.dir
+        return self
+
+    def __exit__(self, *exc):
+        import shutil
+        import tempfile
+
+        tempfile.tempdir = self._old
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 def _iterator(pipe, policy, reader_name="reader"):
     from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
@@ -82,9 +104,11 @@ class DaliTrainLoader(PlanTrainLoader):
             # source_workers > 0: the callback (reads, host-drawn choices) runs in that many
             # processes instead of the training loop's thread; spawned, since CUDA may be up.
             par = dict(py_num_workers=self.source_workers, py_start_method="spawn") if self.source_workers else {}
-            pipe = train_pipeline(source, img_size=self.img_size, device=self._dali_device, randaug=self.randaug,
-                                  parallel=bool(self.source_workers), batch_size=self.batch_size,
-                                  num_threads=self.num_threads, device_id=self._device_id, seed=0, **par)
+            with _autograph_scratch():  # the graph is traced here; build() starts the workers
+                pipe = train_pipeline(source, img_size=self.img_size, device=self._dali_device,
+                                      randaug=self.randaug, parallel=bool(self.source_workers),
+                                      batch_size=self.batch_size, num_threads=self.num_threads,
+                                      device_id=self._device_id, seed=0, **par)
             pipe.build()
             self._it = _iterator(pipe, "FILL", reader_name=None)
 
