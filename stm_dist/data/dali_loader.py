@@ -2,6 +2,9 @@
 for the whole run (plan_loader.py, plan_source.py); val reads each rank's slice in order."""
 from __future__ import annotations
 
+import contextlib
+import shutil
+import tempfile
 import warnings
 
 import torch
@@ -37,26 +40,19 @@ class _quiet_dali_aliases(warnings.catch_warnings):
         return self
 
 
-class _autograph_scratch:
+@contextlib.contextmanager
+def _autograph_scratch():
     """DALI's conditionals (autograph) write every function they convert to a temporary .py
     file and remove it only in an atexit hook, which a rank ending in os._exit (ours do) or a
-    kill never runs: ~47 files in /tmp per RandAugment pipeline, thousands on a shared node.
+    kill never runs: ~45 files in /tmp per RandAugment pipeline, thousands on a shared node.
     Tracing the graph in a private folder that is removed once traced leaves none; the
     converted code is only run while the graph is traced."""
-
-    def __enter__(self):
-        import tempfile
-
-        self._old, self.dir = tempfile.tempdir, tempfile.mkdtemp(prefix="stm-dali-autograph-")
-        tempfile.tempdir = self.dir
-        return self
-
-    def __exit__(self, *exc):
-        import shutil
-        import tempfile
-
-        tempfile.tempdir = self._old
-        shutil.rmtree(self.dir, ignore_errors=True)
+    old, tempfile.tempdir = tempfile.tempdir, tempfile.mkdtemp(prefix="stm-dali-autograph-")
+    try:
+        yield
+    finally:
+        scratch, tempfile.tempdir = tempfile.tempdir, old
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _iterator(pipe, policy, reader_name="reader"):
