@@ -116,7 +116,10 @@ class Trainer:
         return self.ckpts.save(self.engine, self.state, self.zero_stage, self.precision)
 
     def evaluate(self) -> dict:
-        results = {"kind": "eval", "step": self.step, "epoch": self.epoch}
+        # "epoch" is the index of the epoch evaluated, as in the train records of its steps (at an
+        # epoch's end self.epoch has already moved on to the next one).
+        epoch = self.epoch - 1 if self.step_in_epoch == 0 and self.epoch > 0 else self.epoch
+        results = {"kind": "eval", "step": self.step, "epoch": epoch}
         # Building the evaluation copies draws random initial weights: keep the training streams
         # as they were, so whether an evaluation runs (or is re-run after a resume) cannot
         # change the training that follows.
@@ -128,7 +131,7 @@ class Trainer:
             self._val_loader = val_loader(self.cfg, self.rank, self.world, self.accel == "cuda")
         results.update(evaluate_run(self.cfg, self.engine.module, self.zero_stage, self.ema, self.rank,
                                     self.world, self.device, self.accel == "cuda", step=self.step,
-                                    epoch=self.epoch, best=self._best, loader=self._val_loader))
+                                    epoch=epoch, best=self._best, loader=self._val_loader))
         set_rng_state(saved_rng)
         self.log.eval(results)
         if self.cfg.optim.layer_decay is not None:  # the lr each group trained with at this step
