@@ -218,6 +218,8 @@ def move_aside(run_dir: str) -> str | None:
     the first of them (never delete); return the new name of the first."""
     import time
 
+    if not os.path.isdir(run_dir):  # --fresh on a new run: nothing to move
+        return None
     stamp = time.strftime("%Y%m%d-%H%M%S")
     n = 1
     while any(os.path.exists(os.path.join(run_dir, f"{d}.moved-{stamp}"))

@@ -68,3 +68,6 @@ def test_fresh_moves_checkpoints_and_best_weights_aside_never_deletes(tmp_path):
     second = ckpt.move_aside(run)  # within the same second as the first: a folder of its own
     assert second != moved and open(os.path.join(second, "best.pth")).read() == "again"
     assert open(os.path.join(moved, "best.pth")).read() == "best.pth"
+    # --fresh on a run directory that does not exist yet: nothing to move, no error.
+    assert ckpt.move_aside(os.path.join(run, "new_run")) is None
+    assert not os.path.exists(os.path.join(run, "new_run"))
