@@ -24,6 +24,7 @@ from __future__ import annotations
 from nvidia.dali import fn, types
 from nvidia.dali.auto_aug import augmentations as A
 from nvidia.dali.auto_aug.core import select
+from nvidia.dali.pipeline import do_not_convert
 
 NUM_BINS = 41  # bins over timm's magnitude scale [0, 10], 0.25 apart
 
@@ -57,7 +58,14 @@ def apply_rand_augment(images, ops, signed_bins, *, img_size: int, n: int = 2, i
     ``signed_bins``: ``signed_bin(bins, random_sign=signs)`` of (n,) magnitude bins and signs. Both
     are drawn on the host per sample (epoch_plan.sample_augment): timm's gauss(9, 0.5) magnitude
     per op clipped to [0, 10], prob 0.5 per op, a random sign for the signed ops."""
-    suite = timm_increasing_suite()
+    # Each op is applied as plain Python while the graph is traced: DALI's autograph would
+    # otherwise convert every op's call and, one call at a time, each of the ~1,700 host-side
+    # magnitude -> parameter evaluations of the tables the ops build (~70% of tracing the policy,
+    # ~7 of 10 s on an idle core, paid by every rank of every run). The batch is split among the
+    # ops by `select` (converted: it branches on data) and by each DALI operator on its inputs,
+    # whether its caller was converted or not; an op's own code branches on no data. So the
+    # graph is the one the converted ops build (tests/data/test_dali_randaug.py compares them).
+    suite = [do_not_convert(op) for op in timm_increasing_suite()]
     for level in range(n):
         images = select(
             suite,
