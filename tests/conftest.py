@@ -15,8 +15,24 @@ _INDUCTOR_CACHE = tempfile.mkdtemp(prefix="stm-test-inductor-")
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", _INDUCTOR_CACHE)
 
 
+def pytest_collection_finish(session):
+    """Start building the wheel test_package.py installs, if a collected test needs it: it
+    compiles at the lowest priority while the tests before it run (tests/wheel_build.py)."""
+    if session.config.option.collectonly or not any("wheel" in getattr(i, "fixturenames", ()) for i in session.items):
+        return
+    from wheel_build import WHEEL_BUILD, Build
+
+    setattr(session.config, WHEEL_BUILD, Build(tempfile.mkdtemp(prefix="stm-test-wheel-")))
+
+
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_INDUCTOR_CACHE, ignore_errors=True)
+    from wheel_build import WHEEL_BUILD
+
+    build = getattr(session.config, WHEEL_BUILD, None)
+    if build is not None:
+        build.stop()
+        shutil.rmtree(build.out, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -3,57 +3,27 @@ compiled, CPU kernels only), installed with `pip --no-index --no-deps` into a fr
 borrows the big dependencies of the test's own environment, and run from a directory outside the
 repository. The recipes, DeepSpeed configs and sweeps must come from the package itself.
 
-The compiled objects are kept between sessions in a build cache (a copy of the tree with the
-sources' times preserved, so ninja recompiles only what changed): the first session compiles
-_C (~2.5 min of CPU), later ones relink it (~20 s)."""
-import fcntl
+The wheel is built by tests/wheel_build.py, started by tests/conftest.py once collection shows a
+test here needs it (it compiles in the background while earlier tests run)."""
 import glob
 import os
-import shutil
 import subprocess
 import sys
 import sysconfig
 
 import pytest
 
+from wheel_build import WHEEL_BUILD, Build
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CACHE = os.environ.get("STM_DIST_WHEEL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "stm_dist",
-                                                                 "wheel_test")
-
-
-def _tree_files() -> list[str]:
-    """What a checkout holds: tracked files and new ones git does not ignore."""
-    p = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True)
-    assert p.returncode == 0, f"the wheel test copies the tree git lists: {p.stderr.decode()[-500:]}"
-    return [f for f in p.stdout.decode().split("\0") if f and os.path.isfile(os.path.join(REPO, f))]
-
-
-def _sync(src_dir: str):
-    """`src_dir` becomes a copy of the tree; its build/ (ninja's objects) is kept."""
-    if os.path.isdir(src_dir):
-        for name in os.listdir(src_dir):
-            if name != "build":
-                path = os.path.join(src_dir, name)
-                shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
-    for rel in _tree_files():
-        dst = os.path.join(src_dir, rel)
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-        shutil.copy2(os.path.join(REPO, rel), dst)  # keeps the mtime ninja compares
 
 
 @pytest.fixture(scope="session")
-def wheel(tmp_path_factory) -> str:
-    os.makedirs(CACHE, exist_ok=True)
-    out = str(tmp_path_factory.mktemp("wheel"))
-    with open(os.path.join(CACHE, "lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # two sessions at once share the cache one after the other
-        src = os.path.join(CACHE, "src")
-        _sync(src)
-        env = dict(os.environ, STM_DIST_CUDA="0", MAX_JOBS=os.environ.get("MAX_JOBS", "2"),
-                   PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
-        p = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "--no-index",
-                            "-q", "-w", out, src], env=env, capture_output=True, text=True, timeout=1200)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+def wheel(request, tmp_path_factory) -> str:
+    build = getattr(request.config, WHEEL_BUILD, None) or Build(str(tmp_path_factory.mktemp("wheel")))
+    code, log = build.wait()
+    assert code == 0, log
+    out = build.out
     found = glob.glob(os.path.join(out, "stm_dist-*.whl"))
     assert len(found) == 1, os.listdir(out)
     return found[0]

@@ -14,9 +14,18 @@ from engine_launch import BASE, REPO, env
 MODEL = "unified_convnext_micro"
 
 
+def _start_export(run, out, *extra):
+    return subprocess.Popen([sys.executable, "-m", "stm_dist.cli.export", run, "-o", out, *extra], env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(p):
+    stdout, stderr = p.communicate(timeout=300)
+    return subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr)
+
+
 def _export(run, out, *extra):
-    return subprocess.run([sys.executable, "-m", "stm_dist.cli.export", run, "-o", out, *extra], env=env(),
-                          capture_output=True, text=True, timeout=300)
+    return _finish(_start_export(run, out, *extra))
 
 
 @pytest.fixture(scope="module")
@@ -34,14 +43,17 @@ def run_dir(digits_shards, tmp_path_factory):
 @pytest.fixture(scope="module")
 def exports(run_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("exports")
-    files = {}
+    files, started = {}, {}
     for ema in (False, True):
         for suffix in ("pth", "safetensors"):
             path = str(out / f"{'ema' if ema else 'w'}.{suffix}")
-            p = _export(run_dir, path, *(["--ema"] if ema else []))
-            assert p.returncode == 0, p.stderr
-            assert f"wrote {path} ({suffix};" in p.stdout, p.stdout
+            # All four at once: each export is mostly its imports, on one core.
+            started[ema, suffix] = _start_export(run_dir, path, *(["--ema"] if ema else []))
             files[ema, suffix] = path
+    for (ema, suffix), proc in started.items():
+        p = _finish(proc)
+        assert p.returncode == 0, p.stderr
+        assert f"wrote {files[ema, suffix]} ({suffix};" in p.stdout, p.stdout
     return files
 
 
@@ -111,16 +123,16 @@ def test_our_loader_and_timms_read_both_formats(exports):
 
 
 def test_format_and_suffix_must_agree(run_dir, tmp_path):
-    out = str(tmp_path / "w.pth")
+    out, other = str(tmp_path / "w.pth"), str(tmp_path / "w.bin")
+    bin_export = _start_export(run_dir, other, "--format", "pth")  # alongside the refused one
     p = _export(run_dir, out, "--format", "safetensors")
     assert p.returncode == 1 and not os.path.exists(out)
     assert "stm-export: --format safetensors but the output is named" in p.stderr and "w.safetensors" in p.stderr
     assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
     # An explicit pth format with another suffix is still a .pth container.
-    out = str(tmp_path / "w.bin")
-    p = _export(run_dir, out, "--format", "pth")
+    p = _finish(bin_export)
     assert p.returncode == 0, p.stderr
-    assert set(torch.load(out, weights_only=True)) >= {"state_dict", "model", "pretrained_cfg"}
+    assert set(torch.load(other, weights_only=True)) >= {"state_dict", "model", "pretrained_cfg"}
 
 
 def test_timm_create_model_loads_the_export(exports):
