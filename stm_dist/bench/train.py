@@ -39,6 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="run the modes round-robin this many times and report each mode's median (noisy machines)")
     p.add_argument("--data", default=None, help="shard dir: time on real training batches instead of random ones")
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--profile", default=None,
+                   help="cProfile rank 0's timed steps into PATH.<mode>.prof (one mode's overhead, by function)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--ds-config", default=None, help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
@@ -115,10 +117,19 @@ def _worker(args) -> dict:
     for i in range(args.warmup):
         step(i, *batches[i])
     torch.distributed.barrier()
+    prof = None
+    if args.profile and rank == 0:
+        import cProfile
+
+        prof = cProfile.Profile()
+        prof.enable()
     t0, c0 = time.perf_counter(), time.process_time()
     for i in range(args.warmup, n):
         last = step(i, *batches[i])
     float(last)  # the steps are asynchronous on a GPU: wait for the last one
+    if prof is not None:
+        prof.disable()
+        prof.dump_stats(args.profile)
     cpu = torch.tensor([time.process_time() - c0], dtype=torch.float64)
     torch.distributed.barrier()
     dt = time.perf_counter() - t0
@@ -141,6 +152,9 @@ def _launch(args, mode: str) -> dict:
                "--precision", args.precision, "--worker", mode, "--result", result]
         if ":" in mode:
             fwd += ["--ds-config", mode.split(":", 1)[1]]
+        if args.profile:
+            tag = mode.replace(":", "_").replace("/", "_").replace(".json", "")
+            fwd += ["--profile", os.path.abspath(f"{args.profile}.{tag}.prof")]
         if args.data:
             fwd += ["--data", args.data]
         cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_accelerators", str(args.procs),

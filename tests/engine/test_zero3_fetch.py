@@ -25,12 +25,21 @@ def test_block_fetch_trains_like_zero2_and_keeps_every_parameter_partitioned(tmp
     p = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     r = json.load(open(out))
-    z2, block, module = r["z2"]["losses"], r["z3_block"]["losses"], r["z3_module"]["losses"]
+    z2 = r["z2"]["losses"]
     assert len(z2) == 3 and z2[-1] != z2[0]
-    for a, b, c in zip(z2, block, module):
-        assert abs(b - a) <= 1e-5 * abs(a) and abs(c - a) <= 1e-5 * abs(a), (z2, block, module)
-    # unified_convnext_micro has 3 + 3 + 8 + 3 blocks.
-    assert r["z3_block"]["n_leaf_blocks"] == 17 and r["z3_module"]["n_leaf_blocks"] == 0
+    for name in ("z3_block", "z3_module", "z3_bounded"):
+        for a, b in zip(z2, r[name]["losses"]):
+            assert abs(b - a) <= 1e-5 * abs(a), (name, z2, r[name]["losses"])
+    # DeepSpeed's default limits (the shipped file) keep what the forward gathered until the
+    # backward: the whole model is whole by the last forward module (docs/perf.md says so).
+    # The bounded variant stops prefetching at 1 M whole parameters: at most that plus the
+    # unit being fetched (0.67 M) of the 4.06 M are whole at a time.
+    assert r["z3_block"]["peak_whole_fraction"] == 1.0
+    assert 0.0 < r["z3_bounded"]["peak_whole_fraction"] <= (1_000_000 + 671_488) / 4_058_474
+    assert r["z3_bounded"]["n_whole_between_steps"] == 0
+    # unified_convnext_micro has 3 + 3 + 8 + 3 blocks, 3 downsample layers after the stem, a conv
+    # head and a pooling head.
+    assert r["z3_block"]["n_leaf_blocks"] == 17 + 3 + 2 and r["z3_module"]["n_leaf_blocks"] == 0
     assert r["z3_block"]["n_persistent"] == 0 and r["z3_block"]["n_whole_between_steps"] == 0
     # The old per-module setting kept small tensors whole: what the shipped one no longer does.
     assert r["z3_module"]["n_persistent"] == r["z3_module"]["n_whole_between_steps"] > 0
@@ -44,6 +53,18 @@ def test_shipped_zero3_configs_fetch_by_block_and_deepspeed_never_sees_the_key(t
         assert built.ds["zero_optimization"]["stage3_param_persistence_threshold"] == 0
     built = ds_setup.build(demo_config_with_ds(tmp_path, "zero3_fp32.json", zero3_fetch_unit="module"), 1, "cpu")
     assert built.fetch_unit == "module"
+
+
+def test_cpu_ranks_get_torch_fused_adamw_and_zero3_all_reduce_gpus_deepspeeds_defaults():
+    cfg = load(DEMO, [f"deepspeed.config={os.path.join(REPO_ROOT, 'ds_configs', 'zero3_fp32.json')}"])
+    cpu = ds_setup.build(cfg, 1, "cpu").ds["optimizer"]["params"]
+    assert cpu["torch_adam"] is True and cpu["fused"] is True
+    gpu = ds_setup.build(cfg, 1, "cuda").ds["optimizer"]["params"]
+    # DeepSpeed's FusedAdam takes no `fused` argument: it must not be passed there.
+    assert gpu["torch_adam"] is False and "fused" not in gpu
+    # ZeRO 3 on CPU all-reduces its contiguous gradient bucket; GPUs keep the reduce-scatter.
+    assert ds_setup.build(cfg, 1, "cpu").ds["zero_optimization"]["reduce_scatter"] is False
+    assert "reduce_scatter" not in ds_setup.build(cfg, 1, "cuda").ds["zero_optimization"]
 
 
 @pytest.mark.parametrize("base, value, named", [

@@ -1,6 +1,7 @@
 """Run under the real `deepspeed` launcher by test_zero3_fetch.py: the same seed and batches
-through ZeRO 2, ZeRO 3 with block fetching (the shipped zero3_fp32.json) and ZeRO 3 with
-DeepSpeed's per-sub-module fetching; rank 0 writes losses and partitioning facts as JSON."""
+through ZeRO 2, ZeRO 3 with block fetching (the shipped zero3_fp32.json), ZeRO 3 with
+DeepSpeed's per-sub-module fetching and ZeRO 3 with the whole parameters of a step bounded;
+rank 0 writes losses and partitioning facts as JSON."""
 import argparse
 import json
 import os
@@ -13,8 +14,25 @@ from stm_dist.engine.step import build_engine
 from stm_dist.models import create_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+VARIANTS = os.path.join(REPO, "ds_configs", "variants")
 RUNS = {"z2": (2, None), "z3_block": (3, None),
-        "z3_module": (3, os.path.join(REPO, "ds_configs", "variants", "zero3_fp32_per_module.json"))}
+        "z3_module": (3, os.path.join(VARIANTS, "zero3_fp32_per_module.json")),
+        "z3_bounded": (3, os.path.join(VARIANTS, "zero3_fp32_bounded.json"))}
+
+
+def track_whole_fraction(module, params, peak: list):
+    """The largest share of parameter elements whole (gathered or being gathered) seen at any
+    module's forward, after DeepSpeed's own pre-forward hook has fetched what it needs."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    total = sum(p.ds_numel for p in params)
+
+    def hook(mod, args):
+        whole = sum(p.ds_numel for p in params if p.ds_status != ZeroParamStatus.NOT_AVAILABLE)
+        peak[0] = max(peak[0], whole / total)
+
+    for m in module.modules():
+        m.register_forward_pre_hook(hook)
 
 
 def main():
@@ -33,6 +51,9 @@ def main():
         model = create_model("unified_convnext_micro", num_classes=10, img_size=32, drop_path_rate=0.0)
         runner = build_engine(model, precision="fp32", zero_stage=stage, global_batch=8 * world, micro_batch=8,
                               channels_last=False, lr=2e-3, ds_config=ds_config)
+        peak = [0.0]
+        if stage == 3:
+            track_whole_fraction(runner.engine.module, list(runner.engine.module.parameters()), peak)
         losses = []
         for b in batches:
             loss = runner.train_step([b])
@@ -47,6 +68,7 @@ def main():
             # Between steps a partitioned parameter holds no data; a persistent one stays whole.
             r["n_whole_between_steps"] = sum(p.ds_status != ZeroParamStatus.NOT_AVAILABLE for p in params)
             r["n_persistent"] = sum(bool(p.ds_persist) for p in params)
+            r["peak_whole_fraction"] = peak[0]
             r["n_leaf_blocks"] = sum(bool(getattr(m, "_z3_leaf", False)) for m in runner.engine.module.modules())
         out[name] = r
         del runner
