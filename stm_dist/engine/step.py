@@ -119,6 +119,17 @@ def prepare_model(model: torch.nn.Module, world_size: int, channels_last: bool) 
     return model
 
 
+def compile_engine(engine, zero_stage: int):
+    """torch.compile the engine's module (`train.compile`).
+
+    Under ZeRO 3 with parameters fetched per block, the same block code runs once per block
+    with that block's gathered weights; torch's automatic dynamic shapes then turns the second
+    shape it sees into symbols, and inductor fails to lower the block (torch 2.14 CPU: "cannot
+    determine truth value of Relational" in get_stride_order). Static shapes compile each block
+    shape once instead."""
+    engine.compile(compile_kwargs={"dynamic": False} if zero_stage == 3 else {})
+
+
 def build_engine(model, precision: str = "bf16", zero_stage: int = 1, global_batch: int = 128,
                  micro_batch: int = 128, compile: bool = False, channels_last: bool = True, lr: float = 1e-3,
                  weight_decay: float = 0.05, clip_grad: float = 5.0, ds_config: str | None = None) -> StepRunner:
@@ -147,7 +158,7 @@ def build_engine(model, precision: str = "bf16", zero_stage: int = 1, global_bat
     groups = param_groups(model, weight_decay=weight_decay)
     engine, optimizer = ds_setup.initialize(built, model, groups, cfg)
     if compile:
-        engine.compile()
+        compile_engine(engine, built.zero_stage)
     for g in optimizer.param_groups:
         g["lr"] = lr
     return StepRunner(engine, optimizer, built, clip_grad, device, channels_last=channels_last)

@@ -22,7 +22,7 @@ from .run_checkpoints import RunCheckpoints, prepare_run_dir
 from .run_eval import BestCheckpoints, dump_live_weights, evaluate_run, lr_groups, val_loader
 from .run_log import RunLog
 from .schedule import Schedules, steps_per_epoch
-from .step import StepRunner, configure_cuda_speed, soft_target_cross_entropy  # noqa: F401
+from .step import StepRunner, compile_engine, configure_cuda_speed, soft_target_cross_entropy  # noqa: F401
 from .step_meter import StepMeter
 from .train_state import TrainState, rng_state, seed_all, set_rng_state
 
@@ -77,7 +77,7 @@ class Trainer:
             configure_cuda_speed()
         self.engine, self.optimizer = ds_setup.initialize(built, model, groups, cfg)
         if on_cuda if t.compile is None else t.compile:
-            self.engine.compile()
+            compile_engine(self.engine, self.zero_stage)
         self.runner = StepRunner(self.engine, self.optimizer, built, cfg.optim.clip_grad, self.device,
                                  channels_last=channels_last)
         self.meter = StepMeter(t.log_every, self.device, self.world)
