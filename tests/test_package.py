@@ -58,10 +58,19 @@ def venv(wheel, tmp_path_factory) -> dict:
     return {"bin": os.path.join(env_dir, "bin"), "py": py, "purelib": purelib, "cwd": cwd, "env": env}
 
 
-def _run(venv, *cmd, timeout=300):
+def _start(venv, *cmd):
     exe = cmd[0] if cmd[0] == venv["py"] else os.path.join(venv["bin"], cmd[0])
-    return subprocess.run([exe, *cmd[1:]], cwd=venv["cwd"], env=venv["env"], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.Popen([exe, *cmd[1:]], cwd=venv["cwd"], env=venv["env"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _finish(p, timeout=300):
+    stdout, stderr = p.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr)
+
+
+def _run(venv, *cmd, timeout=300):
+    return _finish(_start(venv, *cmd), timeout)
 
 
 @pytest.mark.slow
@@ -80,27 +89,37 @@ def test_the_wheel_is_what_runs(venv):
 
 @pytest.mark.slow
 def test_tools_start_and_resolve_recipes_without_the_checkout(venv):
-    for tool in ("stm-train", "stm-eval", "stm-export", "stm-report", "stm-sweep"):
-        p = _run(venv, tool, "--help")
+    # Every command at once (each is one short process, mostly imports), checked in turn below.
+    tools = ("stm-train", "stm-eval", "stm-export", "stm-report", "stm-sweep")
+    helps = {tool: _start(venv, tool, "--help") for tool in tools}
+    recipes = ("unified_swin_tiny", "configs/unified_swin_tiny.yaml")
+    printed = {arg: _start(venv, "stm-train", "--config", arg, "--print-config", "optim.lr=2e-3") for arg in recipes}
+    misspelled = _start(venv, "stm-train", "--config", "unified_swin_tiy")
+    count = _start(venv, "stm-sweep", "expand", "paper", "--count")
+    check = _start(venv, "stm-sweep", "expand", "sweeps/paper.yaml", "--check")
+
+    for tool in tools:
+        p = _finish(helps[tool])
         assert p.returncode == 0 and "usage:" in p.stdout, (tool, p.stderr[-2000:])
-    assert "recipe name" in _run(venv, "stm-train", "--help").stdout
+        if tool == "stm-train":
+            assert "recipe name" in p.stdout
 
     pkg = os.path.join(venv["purelib"], "stm_dist")
-    for arg in ("unified_swin_tiny", "configs/unified_swin_tiny.yaml"):
-        p = _run(venv, "stm-train", "--config", arg, "--print-config", "optim.lr=2e-3")
+    for arg in recipes:
+        p = _finish(printed[arg])
         assert p.returncode == 0, p.stderr[-2000:]
         assert p.stdout.startswith(f"# {os.path.join(pkg, 'configs', 'unified_swin_tiny.yaml')}"), p.stdout[:300]
         # The recipe's `deepspeed.config: ds_configs/zero1_bf16.json`, from the package's copy.
         assert f"config: {os.path.join(pkg, 'ds_configs', 'zero1_bf16.json')}" in p.stdout
         assert "name: unified_swin_tiny" in p.stdout and "lr: 0.002" in p.stdout
 
-    p = _run(venv, "stm-train", "--config", "unified_swin_tiy")
+    p = _finish(misspelled)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert p.stderr.strip().count("\n") == 0 and "close recipe names: unified_swin_tiny" in p.stderr, p.stderr
 
-    p = _run(venv, "stm-sweep", "expand", "paper", "--count")
+    p = _finish(count)
     assert p.returncode == 0 and p.stdout.strip() == "20", p.stdout + p.stderr[-2000:]
-    p = _run(venv, "stm-sweep", "expand", "sweeps/paper.yaml", "--check")
+    p = _finish(check)
     assert p.returncode == 0, p.stderr[-2000:]
 
 

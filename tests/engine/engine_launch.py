@@ -1,12 +1,11 @@
-"""Helpers of the engine tests: run stm-train under the real `deepspeed` launcher, kill it,
-read its per-step records. (A uniquely named module: every test folder has a conftest.)"""
+"""Helpers of the engine tests: run stm-train under the real `deepspeed` launcher, read its
+per-step records (resume_runs.py kills it). (A uniquely named module: every test folder has a
+conftest.)"""
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIN = os.path.dirname(sys.executable)
@@ -64,29 +63,6 @@ def run_train(procs, run_dir, shards, extra=(), timeout=600):
     if p.returncode != 0:
         raise AssertionError(f"training failed (exit {p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}")
     return p.stdout + p.stderr
-
-
-def run_and_kill(procs, run_dir, shards, kill_after_step: int, extra=(), timeout=600):
-    """Start training and SIGKILL the whole launcher process group once `kill_after_step` is logged."""
-    log = open(os.path.join(os.path.dirname(run_dir), os.path.basename(run_dir) + ".killed.log"), "w")
-    p = subprocess.Popen(train_cmd(procs, run_dir, shards, extra), env=env(), cwd=REPO, stdout=log,
-                         stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + timeout
-    try:
-        while time.time() < deadline:
-            if any(r["step"] >= kill_after_step for r in train_records(run_dir)):
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-                return
-            if p.poll() is not None:
-                raise AssertionError(f"training ended (exit {p.returncode}) before step {kill_after_step}")
-            time.sleep(0.2)
-        raise AssertionError("timed out waiting for the run to reach the kill step")
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-        log.close()
 
 
 def records(run_dir: str) -> list:

@@ -184,7 +184,14 @@ def test_sigkill_at_each_point_then_restart_is_bit_identical(stage, short_shards
 
 def test_zero3_export_equals_live_weights_and_eval_matches(short_shards, root, tmp_path):
     ref = reference(3, short_shards, root)
-    out = str(tmp_path / "model.pth")
+    out, ema_out = str(tmp_path / "model.pth"), str(tmp_path / "ema.pth")
+    # Two of the one-process commands run while the rest runs (each is mostly imports, on one core).
+    ema_export = subprocess.Popen([sys.executable, "-m", "stm_dist.cli.export", ref, "--ema", "-o", ema_out],
+                                  env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wrong_model = subprocess.Popen([sys.executable, "-m", "stm_dist.cli.eval", "--model", "unified_swin_micro",
+                                    "--checkpoint", ref, "--data", short_shards, "--img-size", "32"],
+                                   env=env(single_process=True), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True)
     p = subprocess.run([sys.executable, "-m", "stm_dist.cli.export", ref, "-o", out], env=env(),
                        capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
@@ -219,17 +226,14 @@ def test_zero3_export_equals_live_weights_and_eval_matches(short_shards, root, t
     assert abs(r["loss"] - e["loss"]) < 1e-6
 
     # Another model's checkpoint: one line naming what it holds, no traceback.
-    p = subprocess.run([sys.executable, "-m", "stm_dist.cli.eval", "--model", "unified_swin_micro", "--checkpoint",
-                        ref, "--data", short_shards, "--img-size", "32"], env=env(single_process=True),
-                       capture_output=True, text=True)
-    assert p.returncode == 1 and "holds weights of unified_convnext_micro, not unified_swin_micro" in p.stderr, p.stderr
-    assert "Traceback" not in p.stderr
+    _, stderr = wrong_model.communicate(timeout=300)
+    assert wrong_model.returncode == 1 and "holds weights of unified_convnext_micro, not unified_swin_micro" in stderr, \
+        stderr
+    assert "Traceback" not in stderr
 
     # stm-export --ema puts the ranks' EMA slices back together; it is the EMA the run evaluated.
-    ema_out = str(tmp_path / "ema.pth")
-    p = subprocess.run([sys.executable, "-m", "stm_dist.cli.export", ref, "--ema", "-o", ema_out], env=env(),
-                       capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr
+    _, stderr = ema_export.communicate(timeout=300)
+    assert ema_export.returncode == 0, stderr
     m = create_model("unified_convnext_micro", num_classes=10, img_size=32)
     load_pretrained(m, ema_out)
     assert all(v.dtype == torch.float32 for v in torch.load(ema_out)["state_dict"].values() if v.is_floating_point())
