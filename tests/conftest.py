@@ -22,7 +22,8 @@ def pytest_collection_finish(session):
         return
     from wheel_build import WHEEL_BUILD, Build
 
-    setattr(session.config, WHEEL_BUILD, Build(tempfile.mkdtemp(prefix="stm-test-wheel-")))
+    alone = all(item.path.name == "test_package.py" for item in session.items)  # nothing runs beside it
+    setattr(session.config, WHEEL_BUILD, Build(tempfile.mkdtemp(prefix="stm-test-wheel-"), jobs=2 if alone else 1))
 
 
 def pytest_sessionfinish(session, exitstatus):

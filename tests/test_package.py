@@ -20,7 +20,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="session")
 def wheel(request, tmp_path_factory) -> str:
-    build = getattr(request.config, WHEEL_BUILD, None) or Build(str(tmp_path_factory.mktemp("wheel")))
+    build = getattr(request.config, WHEEL_BUILD, None) or Build(str(tmp_path_factory.mktemp("wheel")), jobs=2)
     code, log = build.wait()
     assert code == 0, log
     out = build.out

@@ -9,7 +9,7 @@ sources' times preserved, so ninja recompiles only what changed), one per enviro
 environments sharing one cache (their compile flags name their own torch headers) recompiled
 each other's objects every session.
 
-Run as a script: `python wheel_build.py OUT_DIR` builds the wheel into OUT_DIR."""
+Run as a script: `python wheel_build.py OUT_DIR JOBS` builds the wheel into OUT_DIR."""
 import fcntl
 import hashlib
 import os
@@ -46,26 +46,28 @@ def _sync(src_dir: str):
         shutil.copy2(os.path.join(REPO, rel), dst)  # keeps the mtime ninja compares
 
 
-def build(out: str) -> int:
+def build(out: str, jobs: str) -> int:
     os.makedirs(CACHE, exist_ok=True)
     with open(os.path.join(CACHE, "lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two sessions at once share the cache one after the other
         src = os.path.join(CACHE, "src")
         _sync(src)
-        env = dict(os.environ, STM_DIST_CUDA="0", MAX_JOBS=os.environ.get("MAX_JOBS", "2"),
+        env = dict(os.environ, STM_DIST_CUDA="0", MAX_JOBS=jobs,
                    PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
         return subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps",
                                "--no-index", "-q", "-w", out, src], env=env, timeout=1200).returncode
 
 
 class Build:
-    """The build running in the background: `wait()` returns (exit status, its log's tail)."""
+    """The build running in the background: `wait()` returns (exit status, its log's tail).
+    `jobs`: parallel compiles; one beside the tests (a compile of the kernels peaks at ~1.1 GB,
+    on top of the tests' own processes on a small CI machine)."""
 
-    def __init__(self, out: str):
+    def __init__(self, out: str, jobs: int = 1):
         self.out = out
         os.makedirs(out, exist_ok=True)
         self._log = open(os.path.join(out, LOG), "w")
-        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), out], stdout=self._log,
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), out, str(jobs)], stdout=self._log,
                                      stderr=subprocess.STDOUT, start_new_session=True,
                                      preexec_fn=lambda: os.nice(19))
 
@@ -90,4 +92,4 @@ class Build:
 
 
 if __name__ == "__main__":
-    sys.exit(build(sys.argv[1]))
+    sys.exit(build(sys.argv[1], sys.argv[2]))

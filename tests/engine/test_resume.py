@@ -227,8 +227,8 @@ def test_zero3_export_equals_live_weights_and_eval_matches(short_shards, root, t
 
     # Another model's checkpoint: one line naming what it holds, no traceback.
     _, stderr = wrong_model.communicate(timeout=300)
-    assert wrong_model.returncode == 1 and "holds weights of unified_convnext_micro, not unified_swin_micro" in stderr, \
-        stderr
+    assert wrong_model.returncode == 1, stderr
+    assert "holds weights of unified_convnext_micro, not unified_swin_micro" in stderr, stderr
     assert "Traceback" not in stderr
 
     # stm-export --ema puts the ranks' EMA slices back together; it is the EMA the run evaluated.
