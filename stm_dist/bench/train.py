@@ -192,8 +192,9 @@ def run(args):
         for m in modes:
             r = _launch(args, m)
             runs[m].append(r)
+            r["load_avg_1min"] = os.getloadavg()[0]  # how shared the box was (noisy machines)
             print(f"  [{rep + 1}/{args.repeat}] {m:6s} {r['steps_per_s']:7.3f} steps/s  {r['img_per_s']:8.1f} img/s"
-                  f"  {r['cpu_s_per_step']:6.3f} CPU s/step", flush=True)
+                  f"  {r['cpu_s_per_step']:6.3f} CPU s/step  load {r['load_avg_1min']:.1f}", flush=True)
     results = []
     for m in modes:
         ordered = sorted(runs[m], key=lambda r: r["steps_per_s"])
