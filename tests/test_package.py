@@ -13,6 +13,7 @@ import sysconfig
 
 import pytest
 
+from side_by_side import finish, start
 from wheel_build import WHEEL_BUILD, Build
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,17 +61,11 @@ def venv(wheel, tmp_path_factory) -> dict:
 
 def _start(venv, *cmd):
     exe = cmd[0] if cmd[0] == venv["py"] else os.path.join(venv["bin"], cmd[0])
-    return subprocess.Popen([exe, *cmd[1:]], cwd=venv["cwd"], env=venv["env"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
-
-def _finish(p, timeout=300):
-    stdout, stderr = p.communicate(timeout=timeout)
-    return subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr)
+    return start([exe, *cmd[1:]], cwd=venv["cwd"], env=venv["env"])
 
 
 def _run(venv, *cmd, timeout=300):
-    return _finish(_start(venv, *cmd), timeout)
+    return finish(_start(venv, *cmd), timeout)
 
 
 @pytest.mark.slow
@@ -99,27 +94,27 @@ def test_tools_start_and_resolve_recipes_without_the_checkout(venv):
     check = _start(venv, "stm-sweep", "expand", "sweeps/paper.yaml", "--check")
 
     for tool in tools:
-        p = _finish(helps[tool])
+        p = finish(helps[tool])
         assert p.returncode == 0 and "usage:" in p.stdout, (tool, p.stderr[-2000:])
         if tool == "stm-train":
             assert "recipe name" in p.stdout
 
     pkg = os.path.join(venv["purelib"], "stm_dist")
     for arg in recipes:
-        p = _finish(printed[arg])
+        p = finish(printed[arg])
         assert p.returncode == 0, p.stderr[-2000:]
         assert p.stdout.startswith(f"# {os.path.join(pkg, 'configs', 'unified_swin_tiny.yaml')}"), p.stdout[:300]
         # The recipe's `deepspeed.config: ds_configs/zero1_bf16.json`, from the package's copy.
         assert f"config: {os.path.join(pkg, 'ds_configs', 'zero1_bf16.json')}" in p.stdout
         assert "name: unified_swin_tiny" in p.stdout and "lr: 0.002" in p.stdout
 
-    p = _finish(misspelled)
+    p = finish(misspelled)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert p.stderr.strip().count("\n") == 0 and "close recipe names: unified_swin_tiny" in p.stderr, p.stderr
 
-    p = _finish(count)
+    p = finish(count)
     assert p.returncode == 0 and p.stdout.strip() == "20", p.stdout + p.stderr[-2000:]
-    p = _finish(check)
+    p = finish(check)
     assert p.returncode == 0, p.stderr[-2000:]
 
 

@@ -10,22 +10,17 @@ import pytest
 import torch
 
 from engine_launch import BASE, REPO, env
+from side_by_side import finish, start
 
 MODEL = "unified_convnext_micro"
 
 
 def _start_export(run, out, *extra):
-    return subprocess.Popen([sys.executable, "-m", "stm_dist.cli.export", run, "-o", out, *extra], env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _finish(p):
-    stdout, stderr = p.communicate(timeout=300)
-    return subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr)
+    return start([sys.executable, "-m", "stm_dist.cli.export", run, "-o", out, *extra], env=env())
 
 
 def _export(run, out, *extra):
-    return _finish(_start_export(run, out, *extra))
+    return finish(_start_export(run, out, *extra))
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +46,7 @@ def exports(run_dir, tmp_path_factory):
             started[ema, suffix] = _start_export(run_dir, path, *(["--ema"] if ema else []))
             files[ema, suffix] = path
     for (ema, suffix), proc in started.items():
-        p = _finish(proc)
+        p = finish(proc)
         assert p.returncode == 0, p.stderr
         assert f"wrote {files[ema, suffix]} ({suffix};" in p.stdout, p.stdout
     return files
@@ -130,7 +125,7 @@ def test_format_and_suffix_must_agree(run_dir, tmp_path):
     assert "stm-export: --format safetensors but the output is named" in p.stderr and "w.safetensors" in p.stderr
     assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
     # An explicit pth format with another suffix is still a .pth container.
-    p = _finish(bin_export)
+    p = finish(bin_export)
     assert p.returncode == 0, p.stderr
     assert set(torch.load(other, weights_only=True)) >= {"state_dict", "model", "pretrained_cfg"}
 

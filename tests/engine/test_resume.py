@@ -16,6 +16,7 @@ import torch
 
 from engine_launch import env, records, run_train, train_records
 from resume_runs import complete, damage, run_and_kill_when, write_short_epoch_shards
+from side_by_side import finish, start
 
 pytestmark = pytest.mark.slow
 
@@ -186,12 +187,9 @@ def test_zero3_export_equals_live_weights_and_eval_matches(short_shards, root, t
     ref = reference(3, short_shards, root)
     out, ema_out = str(tmp_path / "model.pth"), str(tmp_path / "ema.pth")
     # Two of the one-process commands run while the rest runs (each is mostly imports, on one core).
-    ema_export = subprocess.Popen([sys.executable, "-m", "stm_dist.cli.export", ref, "--ema", "-o", ema_out],
-                                  env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wrong_model = subprocess.Popen([sys.executable, "-m", "stm_dist.cli.eval", "--model", "unified_swin_micro",
-                                    "--checkpoint", ref, "--data", short_shards, "--img-size", "32"],
-                                   env=env(single_process=True), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   text=True)
+    ema_export = start([sys.executable, "-m", "stm_dist.cli.export", ref, "--ema", "-o", ema_out], env=env())
+    wrong_model = start([sys.executable, "-m", "stm_dist.cli.eval", "--model", "unified_swin_micro", "--checkpoint",
+                         ref, "--data", short_shards, "--img-size", "32"], env=env(single_process=True))
     p = subprocess.run([sys.executable, "-m", "stm_dist.cli.export", ref, "-o", out], env=env(),
                        capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
@@ -226,14 +224,13 @@ def test_zero3_export_equals_live_weights_and_eval_matches(short_shards, root, t
     assert abs(r["loss"] - e["loss"]) < 1e-6
 
     # Another model's checkpoint: one line naming what it holds, no traceback.
-    _, stderr = wrong_model.communicate(timeout=300)
-    assert wrong_model.returncode == 1, stderr
-    assert "holds weights of unified_convnext_micro, not unified_swin_micro" in stderr, stderr
-    assert "Traceback" not in stderr
+    p = finish(wrong_model)
+    assert p.returncode == 1 and "holds weights of unified_convnext_micro, not unified_swin_micro" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr
 
     # stm-export --ema puts the ranks' EMA slices back together; it is the EMA the run evaluated.
-    _, stderr = ema_export.communicate(timeout=300)
-    assert ema_export.returncode == 0, stderr
+    p = finish(ema_export)
+    assert p.returncode == 0, p.stderr
     m = create_model("unified_convnext_micro", num_classes=10, img_size=32)
     load_pretrained(m, ema_out)
     assert all(v.dtype == torch.float32 for v in torch.load(ema_out)["state_dict"].values() if v.is_floating_point())
