@@ -110,15 +110,18 @@ class Trainer:
     step_in_epoch = property(lambda self: self.state.step_in_epoch,
                              lambda self, v: setattr(self.state, "step_in_epoch", v))
     ema = property(lambda self: self.state.ema)
+
+    @property
+    def last_epoch(self) -> int:
+        """The epoch the latest step belongs to (at an epoch's end self.epoch has moved on)."""
+        return self.epoch - 1 if self.step_in_epoch == 0 and self.epoch > 0 else self.epoch
     resume = property(lambda self: self.ckpts.resume)
 
     def save(self) -> str:
         return self.ckpts.save(self.engine, self.state, self.zero_stage, self.precision)
 
     def evaluate(self) -> dict:
-        # "epoch" is the index of the epoch evaluated, as in the train records of its steps (at an
-        # epoch's end self.epoch has already moved on to the next one).
-        epoch = self.epoch - 1 if self.step_in_epoch == 0 and self.epoch > 0 else self.epoch
+        epoch = self.last_epoch  # the epoch evaluated, as in the train records of its steps
         results = {"kind": "eval", "step": self.step, "epoch": epoch}
         # Building the evaluation copies draws random initial weights: keep the training streams
         # as they were, so whether an evaluation runs (or is re-run after a resume) cannot
@@ -259,7 +262,7 @@ class Trainer:
             self._flush()
             if last_saved != self.step:
                 if cfg.data.val_shards and self._last_eval != self.step:
-                    self.state.eval_pending = self.epoch - 1 if self.step_in_epoch == 0 else self.epoch
+                    self.state.eval_pending = self.last_epoch
                 self.save()
             if cfg.data.val_shards and self._last_eval != self.step:
                 self.evaluate()
