@@ -58,7 +58,7 @@ class Built:
     # on the device when told a gradient is non-finite) and clip ourselves; DeepSpeed's own
     # ZeRO-0 path would clip with a host sync and apply a NaN step.
     own_optimizer: bool
-    # ZeRO 3 only: "block" gathers each residual block's parameters as one unit (FETCH_UNIT_KEY).
+    # ZeRO 3 only: "flat" / "block" gather each residual block's parameters as one unit (FETCH_UNIT_KEY).
     fetch_unit: str = "module"
 
 
@@ -105,56 +105,61 @@ def _check_sections(ds: dict, path: str):
 
 
 # Ours, removed before DeepSpeed sees the JSON. "block": every residual block of the model
-# (model.stages[i][j]) is a DeepSpeed "z3 leaf", so ZeRO 3 gathers all of a block's parameters
-# in one all-gather and runs its fetch/release hooks once per block instead of once per
-# sub-module (LayerNorm, each conv/linear, the block's own layer-scale gammas): on 2 gloo
-# processes those per-module hooks and collectives cost as much as this model's compute
-# (docs/perf.md). Parameters stay partitioned between uses; at most one block (plus
-# prefetch) is whole at a time, FSDP's usual wrapping unit. "module" is DeepSpeed's default.
-# DeepSpeed's own `stage3_module_granularity_threshold` cannot do this here: it picks modules
-# top-down and always takes the stem first, whose input needs no gradient, so its full
-# backward hook fires before the stem's weight gradients exist and backward fails.
+# (model.stages[i][j]), each downsample layer after the stem and the conv/pooling heads is a
+# DeepSpeed "z3 leaf", so ZeRO 3 gathers all of a unit's parameters in one all-gather and runs
+# its fetch/release hooks once per unit instead of once per sub-module (LayerNorm, each
+# conv/linear, the layer-scale gammas): on 2 gloo processes those per-module hooks and
+# collectives cost as much as this model's compute (docs/perf.md). "flat" (the default): the
+# same units, and each unit's parameters one flat tensor per optimizer group
+# (engine/flat_params.py), so DeepSpeed's per-tensor work runs for 60 tensors instead of 302 at
+# convnext micro. "module" is DeepSpeed's default. DeepSpeed's own
+# `stage3_module_granularity_threshold` cannot pick these units: it chooses modules top-down and
+# always takes the stem first, whose input needs no gradient, so its full backward hook fires
+# before the stem's weight gradients exist and backward fails.
 FETCH_UNIT_KEY = "zero3_fetch_unit"
-_FETCH_UNITS = ("block", "module")
+_FETCH_UNITS = ("flat", "block", "module")
 
 
 def _fetch_unit(ds: dict, path: str, stage: int) -> str:
-    """Read (and remove) FETCH_UNIT_KEY; absent means "block" at ZeRO 3."""
+    """Read (and remove) FETCH_UNIT_KEY; absent means "flat" at ZeRO 3."""
     if FETCH_UNIT_KEY not in ds:
-        return "block" if stage == 3 else "module"
+        return "flat" if stage == 3 else "module"
     unit = ds.pop(FETCH_UNIT_KEY)
     if unit not in _FETCH_UNITS:
         raise ConfigError(f"'deepspeed.config' {path}: '{FETCH_UNIT_KEY}' is {unit!r}; choose "
-                          f"{' or '.join(map(repr, _FETCH_UNITS))}")
+                          f"{', '.join(map(repr, _FETCH_UNITS[:-1]))} or {_FETCH_UNITS[-1]!r}")
     if stage != 3:
         raise ConfigError(f"'deepspeed.config' {path}: '{FETCH_UNIT_KEY}' only applies to ZeRO stage 3 "
                           f"(zero_optimization.stage is {stage}); remove it")
     return unit
 
 
-def mark_block_leaves(model) -> int:
-    """Make every residual block a ZeRO-3 leaf (see FETCH_UNIT_KEY), and with them each
+def fetch_units(model) -> list:
+    """The modules ZeRO 3 fetches as one unit (see FETCH_UNIT_KEY): every residual block, each
     downsample layer after the stem and the conv/pooling head (a few small modules each whose
-    own hooks cost more than their compute); returns how many modules were marked.
+    own hooks cost more than their compute).
 
     The stem stays per-module: its input needs no gradient, so a leaf stem's full backward
-    hook would release its weights before their gradients exist. Not under gradient
+    hook would release its weights before their gradients exist. None under gradient
     checkpointing: a leaf's gradients are reduced from its full backward hook, which a
     recomputed block would fire before its recomputed backward is done."""
-    from deepspeed.utils import set_z3_leaf_module
-
     stages = getattr(model, "stages", None)
     if stages is None or getattr(model, "grad_checkpointing", False):
-        return 0
+        return []
     units = [block for stage in stages for block in stage]
     units += list(getattr(model, "downsample_layers", []))[1:]
     units += [getattr(model, name, None) for name in ("conv_head", "avg_head")]
-    n = 0
+    return [u for u in units if u is not None and len(list(u.children()))]
+
+
+def mark_block_leaves(model) -> int:
+    """Make every fetch unit a ZeRO-3 leaf; returns how many modules were marked."""
+    from deepspeed.utils import set_z3_leaf_module
+
+    units = fetch_units(model)
     for unit in units:
-        if unit is not None and len(list(unit.children())):
-            set_z3_leaf_module(unit, True)
-            n += 1
-    return n
+        set_z3_leaf_module(unit, True)
+    return len(units)
 
 
 def check(cfg):
@@ -232,7 +237,11 @@ def initialize(built: Built, model, groups, cfg):
         optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                       weight_decay=o.weight_decay, fused=True)
         groups = None
-    if built.zero_stage == 3 and built.fetch_unit == "block":
+    if built.zero_stage == 3 and built.fetch_unit in ("flat", "block"):
+        if built.fetch_unit == "flat":
+            from .flat_params import flatten
+
+            groups = flatten(model, fetch_units(model), groups)
         mark_block_leaves(model)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=optimizer,
                                                    config=built.ds)

@@ -18,6 +18,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .checkpoint import locate  # noqa: F401  (stm-eval and stm-analyze find checkpoints here too)
+from .flat_params import Layout
 
 FORMATS = ("pth", "safetensors")
 META_PREFIX = "stm_dist."
@@ -27,6 +28,14 @@ _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def consolidate(ckpt_dir: str, tag: str, marker: dict, ema: bool = False) -> dict:
+    """The checkpoint's fp32 weights (or their EMA) in the model's own keys."""
+    sd = _consolidate(ckpt_dir, tag, marker, ema)
+    layout = marker.get("param_layout")
+    # ZeRO 3 with zero3_fetch_unit 'flat' saved one tensor per fetch unit and group: split them back.
+    return Layout.from_json(layout).unflatten(sd) if layout else sd
+
+
+def _consolidate(ckpt_dir: str, tag: str, marker: dict, ema: bool) -> dict:
     tag_dir = os.path.join(ckpt_dir, tag)
     if ema:
         from .ema import assemble

@@ -9,6 +9,7 @@ import time
 
 from . import checkpoint as ckpt
 from . import config as config_mod
+from . import flat_params
 from . import recipe as recipe_mod
 from .distributed import barrier
 
@@ -79,6 +80,9 @@ class RunCheckpoints:
         meta = {"world_size": self.world, "zero_stage": zero_stage, "precision": precision,
                 "model": self.cfg.model.name, "epoch": state.epoch, "config_hash": self.recipe_hash,
                 "recipe": self.recipe}
+        layout = flat_params.layout_of(engine.module)
+        if layout is not None:  # stm-export and a resume need it to read the flat ZeRO 3 tensors
+            meta["param_layout"] = layout.to_json()
         client = dict(state.state_dict(), config_hash=self.recipe_hash, config=self.cfg.to_dict())
         tag = ckpt.save(engine, self.ckpt_dir, state.step, client, meta, self.cfg.checkpoint.keep_last, self.rank)
         self.log.info(f"saved checkpoint {tag} (epoch {state.epoch}, step {state.step})")
@@ -123,6 +127,9 @@ class RunCheckpoints:
         # would meet the others' loader collectives with its own gather.
         if any(w is not None for w in _gather(why)):
             return ("files", why) if why is not None else ("peer", None)
+        mismatch = _layout_mismatch(marker.get("param_layout"), flat_params.layout_of(engine.module))
+        if mismatch:
+            return "config", f"{tag_dir}: {mismatch}"
         groups = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
         try:
             path, _ = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
@@ -165,6 +172,21 @@ class RunCheckpoints:
                             rec = json.loads(line)
                             found[0] = found[0] or (rec.get("kind") == "eval" and rec.get("step") == step)
         return bool(_broadcast(found))
+
+
+def _layout_mismatch(saved: dict | None, live) -> str | None:
+    """Why DeepSpeed's partitions of a checkpoint cannot be this engine's (None: they can)."""
+    live = live.to_json() if live is not None else None
+    if saved == live:
+        return None
+    if saved and live:
+        return ("its flat ZeRO 3 parameters (zero3_fetch_unit 'flat') group the model's parameters "
+                "differently from this run's (another model or other optimizer parameter groups)")
+    def unit(layout):
+        return "'flat'" if layout else "'block' or 'module'"
+    return (f"its ZeRO 3 parameters were saved with zero3_fetch_unit {unit(saved)}, this run uses "
+            f"{unit(live)} (deepspeed.config); DeepSpeed's partitions of one layout cannot be loaded "
+            f"into the other: resume with the fetch unit it was saved with")
 
 
 def _distributed() -> bool:

@@ -10,6 +10,7 @@ import torch
 
 from .ema import gathered
 from .evaluate import evaluate
+from .flat_params import unflatten
 from .model_setup import build_model
 
 
@@ -20,6 +21,7 @@ def eval_copy(cfg, module: torch.nn.Module, zero_stage: int, device, state: dict
     if state is None:
         with gathered(module, zero_stage):
             state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    state = unflatten(module, state)  # the EMA's keys are the module's: flat at ZeRO 3
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     return model
 
@@ -126,4 +128,4 @@ def dump_live_weights(module, zero_stage: int, rank: int, path: str):
     with gathered(module, zero_stage):
         state = {k: v.detach().clone() for k, v in module.state_dict().items()}
     if rank == 0:
-        torch.save(state, path)
+        torch.save(unflatten(module, state), path)

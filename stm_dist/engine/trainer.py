@@ -95,7 +95,8 @@ class Trainer:
             self.ckpts.load(self.engine, self.state, load_dir, universal, new_ema=self._new_ema)
         else:
             seed_all(t.seed + self.rank)
-        self.log.info(f"model {cfg.model.name}, {self.world} process(es), ZeRO {self.zero_stage}, "
+        zero = f"ZeRO {self.zero_stage}" + (f" (fetch unit {built.fetch_unit})" if self.zero_stage == 3 else "")
+        self.log.info(f"model {cfg.model.name}, {self.world} process(es), {zero}, "
                       f"{self.precision}, global batch {t.global_batch} = {t.micro_batch} x {self.world} "
                       f"x accumulation {self.accum}, {self.iters_per_epoch} steps/epoch, "
                       f"{self.total_steps} steps to run, run dir {self.run_dir}")

@@ -1,5 +1,5 @@
 """Run as one plain process by test_compile_zero3.py: a small unified ConvNeXt under ZeRO 3
-(parameters fetched per block), three training steps eager and three torch.compile'd from the same
+(flat blocks, the default fetch unit), three training steps eager and three torch.compile'd from the same
 initial weights and batches; prints {"eager": [...], "compiled": [...]} losses as the last line.
 On the CPU (`DS_ACCELERATOR=cpu python tests/engine/compile_zero3_worker.py`) it takes ~5 min on
 2 cores, most of it compiling C++ kernels: too long for the suite, which runs it on GPUs only."""

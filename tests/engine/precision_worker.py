@@ -5,6 +5,7 @@ code path (stm_dist.engine.step.build_engine) on the real digits images, so the 
 launch is paid once. Rank 0 writes what it measured to the JSON file named by --out.
 """
 import argparse
+import contextlib
 import json
 import time
 
@@ -71,15 +72,18 @@ def branches_visible(runner) -> float:
     x, _ = digits(8)
     with torch.no_grad(), runner.precision.autocast("cpu"):
         full = eng(x.to(runner.precision.input_dtype)).float()
-    gammas = [p for n, p in eng.module.named_parameters() if "gamma" in n]
-    ctx = deepspeed.zero.GatheredParameters(gammas, modifier_rank=0) if runner.zero_stage == 3 else None
-    if ctx is not None:
-        with ctx:
-            for g in gammas:
-                g.data.zero_()
-    else:
+    # At ZeRO 3 the gammas live inside their blocks' flat tensors (engine/flat_params.py):
+    # find them by the model's own names in the gathered weights and zero them in place.
+    from stm_dist.engine.flat_params import unflatten
+
+    params = list(eng.module.parameters())
+    ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=0) if runner.zero_stage == 3 else contextlib.nullcontext()
+    with ctx, torch.no_grad():
+        named = unflatten(eng.module, {n: p.data for n, p in eng.module.named_parameters()})
+        gammas = [t for n, t in named.items() if "gamma" in n]
+        assert gammas, "no layer-scale gammas found"
         for g in gammas:
-            g.data.zero_()
+            g.zero_()
     with torch.no_grad(), runner.precision.autocast("cpu"):
         bare = eng(x.to(runner.precision.input_dtype)).float()
     return float((full - bare).abs().max())

@@ -1,4 +1,4 @@
-"""train.compile under ZeRO 3 with parameters fetched per block (the default fetch unit).
+"""train.compile under ZeRO 3 with parameters fetched per block (the default fetch unit, flat).
 
 With torch's automatic dynamic shapes, the block code's second weight shape became symbolic and
 inductor failed to lower it; stm_dist.engine.step.compile_engine compiles with static shapes

@@ -1,7 +1,7 @@
 """Run under the real `deepspeed` launcher by test_zero3_fetch.py: the same seed and batches
-through ZeRO 2, ZeRO 3 with block fetching (the shipped zero3_fp32.json), ZeRO 3 with
-DeepSpeed's per-sub-module fetching and ZeRO 3 with the whole parameters of a step bounded;
-rank 0 writes losses and partitioning facts as JSON."""
+through ZeRO 2, ZeRO 3 with flat block fetching (the shipped zero3_fp32.json), ZeRO 3 with
+block fetching of separate tensors, with DeepSpeed's per-sub-module fetching and with the whole
+parameters of a step bounded; rank 0 writes losses and partitioning facts as JSON."""
 import argparse
 import json
 import os
@@ -15,7 +15,8 @@ from stm_dist.models import create_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VARIANTS = os.path.join(REPO, "ds_configs", "variants")
-RUNS = {"z2": (2, None), "z3_block": (3, None),
+RUNS = {"z2": (2, None), "z3_flat": (3, None),
+        "z3_block": (3, os.path.join(VARIANTS, "zero3_fp32_block.json")),
         "z3_module": (3, os.path.join(VARIANTS, "zero3_fp32_per_module.json")),
         "z3_bounded": (3, os.path.join(VARIANTS, "zero3_fp32_bounded.json"))}
 
@@ -70,6 +71,15 @@ def main():
             r["n_persistent"] = sum(bool(p.ds_persist) for p in params)
             r["peak_whole_fraction"] = peak[0]
             r["n_leaf_blocks"] = sum(bool(getattr(m, "_z3_leaf", False)) for m in runner.engine.module.modules())
+            # What evaluation and stm-export read: the gathered weights in the model's own keys.
+            from stm_dist.engine.ema import gathered
+            from stm_dist.engine.flat_params import unflatten
+
+            with gathered(runner.engine.module, 3):
+                sd = unflatten(runner.engine.module, {k: v.detach().clone() for k, v in
+                                                      runner.engine.module.state_dict().items()})
+            r["state_keys"] = sorted(sd)
+            r["state_sum"] = float(sum(v.double().sum() for v in sd.values() if v.is_floating_point()))
         out[name] = r
         del runner
     if rank == 0:
