@@ -181,6 +181,8 @@ def flatten(model: nn.Module, units: list[nn.Module], groups: list[dict]) -> lis
         if slots:
             _unbind(slots)
             _wrap_forward(unit, slots)
+    if not layout:  # no units (gradient checkpointing): nothing was flattened
+        return groups
     model._stm_flat_layout = Layout(layout)
     out = []
     for i, g in enumerate(groups):

@@ -65,6 +65,8 @@ def test_channels_last_weights_stay_channels_last_and_the_layout_is_checked():
     model = nn.Sequential(unit)
     groups = [{"params": [unit[0].weight], "weight_decay": 0.05},
               {"params": [unit[0].bias, unit[1].weight, unit[1].bias], "weight_decay": 0.0}]
+    # No units (the model under gradient checkpointing): nothing changes, no layout is recorded.
+    assert flat_params.flatten(model, [], groups) is groups and flat_params.layout_of(model) is None
     flat_params.flatten(model, [unit], groups)
     seen = []
     unit[0].register_forward_pre_hook(lambda m, a: seen.append(m.weight.is_contiguous(memory_format=torch.channels_last)))
