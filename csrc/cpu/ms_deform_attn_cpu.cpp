@@ -8,7 +8,8 @@
 // The hot loops are compiled for AVX2+FMA and for the baseline ISA, chosen at run time.
 #include "ms_deform_attn.h"
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
