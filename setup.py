@@ -42,7 +42,10 @@ def _extensions():
 
     cpp = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cu = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
-    cxx = ["-O3", "-std=c++20", "-fopenmp"]
+    # -g0: Python's own CFLAGS (sysconfig) add -g, which doubles the compile time of these
+    # template-heavy sources (CI builds them twice: the editable install and the wheel test)
+    # for debug info nobody ships; a later -g0 overrides it.
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-g0"]
     build_cuda, reason = _cuda_decision()
     if build_cuda and cu:
         _log(f"building CPU + CUDA kernels ({reason})")
