@@ -7,6 +7,8 @@ import json
 import os
 import time
 
+import torch
+
 from . import checkpoint as ckpt
 from . import config as config_mod
 from . import flat_params
@@ -137,9 +139,14 @@ class RunCheckpoints:
             if universal:
                 # DeepSpeed's ZeRO-3 universal loader gives every parameter group the settings of
                 # the saved group 0 (weight_decay, our lr_scale and decays flags), so norms and
-                # biases would be decayed after a world-size change; the groups are the recipe's.
+                # biases would be decayed after a world-size change; the groups are the recipe's,
+                # exactly as this start built them: keys it adds are dropped too (the schedule
+                # sets `decays` on its first step, so group 0's True reached every group).
                 for g, saved in zip(engine.optimizer.param_groups, groups):
+                    for key in [k for k in g if k != "params" and k not in saved]:
+                        del g[key]
                     g.update(saved)
+                _unshare_step_counts(engine.optimizer)
         except Exception as e:
             return "files", f"DeepSpeed's load_checkpoint failed ({type(e).__name__}: {' '.join(str(e).split())[:300]})"
         if path is None:
@@ -172,6 +179,21 @@ class RunCheckpoints:
                             rec = json.loads(line)
                             found[0] = found[0] or (rec.get("kind") == "eval" and rec.get("step") == step)
         return bool(_broadcast(found))
+
+
+def _unshare_step_counts(zero_optimizer):
+    """DeepSpeed's ZeRO-3 universal loader sets every flat partition's Adam `step` to one and the
+    same tensor. torch's AdamW (fused or foreach) increments each group's step tensors in place,
+    so with two groups (decay, no_decay) that one counter went up twice per step and the bias
+    correction of every step after a world-size change was wrong (docs/scaling.md: the drift)."""
+    state = getattr(getattr(zero_optimizer, "optimizer", None), "state", None) or {}
+    seen = set()
+    for st in state.values():
+        step = st.get("step")
+        if isinstance(step, torch.Tensor):
+            if id(step) in seen:
+                st["step"] = step.clone()
+            seen.add(id(st["step"]))
 
 
 def _layout_mismatch(saved: dict | None, live) -> str | None:

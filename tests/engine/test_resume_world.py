@@ -69,9 +69,7 @@ def check_segment(ref, run, first, last):
     return max(abs(got_l[s] - ref_l[s]) for s in range(first, last + 1))
 
 
-# ZeRO 3 is not here: after its universal load the run drifts from the second resumed step on
-# (measured in docs/scaling.md).
-@pytest.mark.parametrize("stage", [0, 1, 2])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_two_to_one_to_two_processes(stage, short_shards, tmp_path):
     """2 x 8 to step 4, then 1 x 16 to step 8, then 2 x 8 to the end (12), against 2 x 8 throughout."""
     ds = [f"deepspeed.config=ds_configs/zero{stage}_fp32.json"]
@@ -87,6 +85,10 @@ def test_two_to_one_to_two_processes(stage, short_shards, tmp_path):
     drift.append(check_segment(ref, run, 9, 12))
     assert max(losses(run)) == 12
     print(f"ZeRO {stage}: largest loss difference per segment {drift}")
+    # Every resumed step, not only the first, follows the uninterrupted run: the optimizer state
+    # came back whole (ZeRO 3's universal load once shared one Adam step counter between the
+    # groups and decayed the norms and biases: 4e-3 by step 7, docs/scaling.md).
+    assert max(drift) <= 1e-5, drift
 
 
 def test_two_by_48_to_three_by_32(digits_shards, tmp_path):
