@@ -5,7 +5,7 @@ micro models run in the default suite; tiny/small/base are marked slow (float64 
 import pytest
 import torch
 
-from parity import TOL, has_fixture, load_fixture, max_deviation, run_fixture
+from parity import TOL, has_fixture, load_fixture, max_deviation, run_fixtures
 
 MIXERS = ("halo", "swin", "convnext")
 
@@ -20,8 +20,8 @@ def _params():
 @pytest.mark.parametrize("name", list(_params()))
 def test_fixture_parity(name):
     assert has_fixture(name), f"fixture missing for {name}"
-    for dtype in (torch.float64, torch.float32):
-        got, ref = run_fixture(name, dtype), load_fixture(name, dtype)
+    for dtype, got in run_fixtures(name, (torch.float64, torch.float32)):
+        ref = load_fixture(name, dtype)
         dev = max_deviation(got, ref)
         tol = TOL[dtype]
         assert dev["logits"] <= tol["logits"], (name, dtype, dev)
