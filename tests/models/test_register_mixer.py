@@ -15,6 +15,7 @@ import torch
 import stm_dist.models as M
 from stm_dist.models import MixerError, create_model, list_models, load_mixer_module, register_mixer
 from stm_dist.report import paper
+from side_by_side import finish, start
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 POOL = os.path.join(REPO, "examples", "pool_mixer.py")
@@ -150,7 +151,7 @@ def _train_and_report(launch: list, digits, tmp_path, analyse: bool = False):
     train = [x for x in rows if x.get("kind") == "train"]
     assert [x["step"] for x in train][-1] == 2 and all(x["loss"] == x["loss"] for x in train)
     assert any(x.get("kind") == "eval" and x.get("top1") is not None for x in rows)
-    extra = []
+    extra, evaluation = [], None
     # stm-analyze and stm-eval find the mixer in the recipe beside the checkpoint (no STM_MIXER_MODULES).
     if analyse:
         an = tmp_path / "analyses" / "unified_pool_micro"
@@ -160,18 +161,19 @@ def _train_and_report(launch: list, digits, tmp_path, analyse: bool = False):
                            env=_env(), capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         extra = ["--analyses", str(tmp_path / "analyses")]
-    else:
-        r = subprocess.run([sys.executable, "-m", "stm_dist.cli.eval", "--model", "unified_pool_micro",
+    else:  # stm-eval beside stm-report (neither reads what the other writes; each is mostly imports, on one core)
+        evaluation = start([sys.executable, "-m", "stm_dist.cli.eval", "--model", "unified_pool_micro",
                             "--checkpoint", str(run / "best.pth"), "--data", digits, "--img-size", "32",
-                            "--num-threads", "1", "--json", str(tmp_path / "eval.json")], cwd=REPO,
-                           env=_env(), capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-        best = json.loads((run / "best.pth.json").read_text())
-        assert json.loads((tmp_path / "eval.json").read_text())["top1"] == best["top1"]
+                            "--num-threads", "1", "--json", str(tmp_path / "eval.json")], cwd=REPO, env=_env())
     # stm-report in a fresh process: the mixer comes from the run's saved config.
     out = tmp_path / "report"
     r = subprocess.run([sys.executable, "-m", "stm_dist.cli.report", str(tmp_path / "runs"), "-o", str(out), *extra],
                        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    if evaluation is not None:
+        e = finish(evaluation)
+        assert e.returncode == 0, e.stdout[-3000:] + e.stderr[-3000:]
+        best = json.loads((run / "best.pth.json").read_text())
+        assert json.loads((tmp_path / "eval.json").read_text())["top1"] == best["top1"]
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     md = (out / "report.md").read_text()
     if analyse:
