@@ -112,9 +112,7 @@ def unflatten(module: nn.Module, sd: dict) -> dict:
 
 
 # The attributes are plain instance attributes (no longer registered parameters): written into
-# __dict__ directly, nn.Module.__setattr__'s checks cost more than the views. Outside dynamo's
-# tracing, as DeepSpeed's own hooks at the same unit boundaries are.
-@torch.compiler.disable
+# __dict__ directly, nn.Module.__setattr__'s checks cost more than the views.
 def _bind(unit: nn.Module, slots) -> None:
     """Point every original attribute at its view of the (gathered) flat tensors."""
     for pname, entries in slots:
@@ -123,7 +121,6 @@ def _bind(unit: nn.Module, slots) -> None:
             mod.__dict__[attr] = _shaped(chunk, shape, cl)
 
 
-@torch.compiler.disable
 def _unbind(slots) -> None:
     for pname, entries in slots:
         for mod, attr, _, _ in entries:
@@ -132,13 +129,17 @@ def _unbind(slots) -> None:
 
 def _wrap_forward(unit: nn.Module, slots) -> None:
     inner = unit.forward
+    # Outside dynamo's tracing, as DeepSpeed's own hooks at the same unit boundaries are
+    # (wrapped here, not at import: torch.compiler.disable imports torch._dynamo, ~2.5 s, which
+    # stm-export and other readers of this module's layouts do not need).
+    bind, unbind = torch.compiler.disable(_bind), torch.compiler.disable(_unbind)
 
     def forward(*args, **kwargs):
-        _bind(unit, slots)
+        bind(unit, slots)
         try:
             return inner(*args, **kwargs)
         finally:
-            _unbind(slots)
+            unbind(slots)
 
     unit.forward = forward
 
