@@ -152,16 +152,6 @@ def fetch_units(model) -> list:
     return [u for u in units if u is not None and len(list(u.children()))]
 
 
-def mark_block_leaves(model) -> int:
-    """Make every fetch unit a ZeRO-3 leaf; returns how many modules were marked."""
-    from deepspeed.utils import set_z3_leaf_module
-
-    units = fetch_units(model)
-    for unit in units:
-        set_z3_leaf_module(unit, True)
-    return len(units)
-
-
 def check(cfg):
     """The DeepSpeed JSON's errors, before any process group starts (no engine is built)."""
     path = cfg.deepspeed.config
@@ -238,11 +228,15 @@ def initialize(built: Built, model, groups, cfg):
                                       weight_decay=o.weight_decay, fused=True)
         groups = None
     if built.zero_stage == 3 and built.fetch_unit in ("flat", "block"):
+        from deepspeed.utils import set_z3_leaf_module
+
+        units = fetch_units(model)
         if built.fetch_unit == "flat":
             from .flat_params import flatten
 
-            groups = flatten(model, fetch_units(model), groups)
-        mark_block_leaves(model)
+            groups = flatten(model, units, groups)
+        for unit in units:
+            set_z3_leaf_module(unit, True)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=optimizer,
                                                    config=built.ds)
     return engine, optimizer

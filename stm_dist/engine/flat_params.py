@@ -115,14 +115,13 @@ def unflatten(module: nn.Module, sd: dict) -> dict:
 # __dict__ directly, nn.Module.__setattr__'s checks cost more than the views.
 def _bind(unit: nn.Module, slots) -> None:
     """Point every original attribute at its view of the (gathered) flat tensors."""
-    for pname, entries in slots:
-        flat = getattr(unit, pname)
-        for (mod, attr, shape, cl), chunk in zip(entries, flat.split([_numel(e[2]) for e in entries])):
+    for pname, sizes, entries in slots:
+        for (mod, attr, shape, cl), chunk in zip(entries, getattr(unit, pname).split(sizes)):
             mod.__dict__[attr] = _shaped(chunk, shape, cl)
 
 
 def _unbind(slots) -> None:
-    for pname, entries in slots:
+    for _, _, entries in slots:
         for mod, attr, _, _ in entries:
             mod.__dict__[attr] = _EMPTY
 
@@ -174,7 +173,7 @@ def flatten(model: nn.Module, units: list[nn.Module], groups: list[dict]) -> lis
                 del mod._parameters[attr]
             unit.register_parameter(pname, flat)
             entries = [(mod, attr, tuple(p.shape), cl) for (mod, attr, p), cl in zip(members, cls)]
-            slots.append((pname, entries))
+            slots.append((pname, [p.numel() for _, _, p in members], entries))
             prefix = unit_name[id(unit)]
             layout[f"{prefix}.{pname}" if prefix else pname] = [
                 (name_of[id(p)], tuple(p.shape), cl) for (_, _, p), cl in zip(members, cls)]
