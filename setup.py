@@ -182,6 +182,8 @@ setup(
     extras_require={
         "train": ["deepspeed>=0.19,<0.20", "tensorboard", "matplotlib"],
         "data": ["nvidia-dali-cuda130>=2.4,<3", "webdataset>=1.0,<2"],
+        "detection": ["pycocotools>=2.0.8"],
+        "onnx": ["onnx", "onnxscript", "onnxruntime"],
         "test": ["pytest", "scikit-learn", "scikit-image"],
     },
     ext_modules=_extensions(),
