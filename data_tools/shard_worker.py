@@ -20,6 +20,7 @@ import signal
 import threading
 import time
 
+from data_tools.coco_src import fit_to_annotations
 from data_tools.image_check import BadImage, check_image
 from data_tools.tail_help import OWNER_CHECKS, PASSES, TailBoard, help_until_done
 from data_tools.tar_index import HashingFd, ShardWriter
@@ -75,6 +76,15 @@ def _process(path: str, passed=None):
     return ("ok", jpeg, conversion)
 
 
+def _fit_detection(res, label):
+    """A detection sample's image must also agree with its annotations (size, orientation)."""
+    try:
+        data, fitted = fit_to_annotations(res[1], label)
+    except BadImage as e:
+        return ("skip", str(e))
+    return ("ok", data, res[2] or fitted)
+
+
 def _validate_for_owner(path: str):
     """A helper's verdict on one file (see tail_help): (PASSES, stamp) or (OWNER_CHECKS, zeros)."""
     try:
@@ -118,8 +128,12 @@ def write_json_atomic(path: str, obj):
 def _write_data(task, board=None, slot=0, task_no=0):
     """Read, validate, write and hash one shard's samples into its temp tar (not yet durable).
 
+    A task is (index, name, out, progress dir, items, strict, die_halfway[, kind]); items are
+    (position, rel, label, path). kind "cls" (the default): label is the class index, written
+    as ``.cls``; "det": label is a coco_src.DetLabel, written as ``.json``.
+
     Returns ("commit", commit_fn), ("error", message) or ("die",)."""
-    i, name, out, prog, items, strict, die_halfway = task
+    i, name, out, prog, items, strict, die_halfway = task[:7]
     if board is not None:
         board.publish(slot, task_no, len(items))
     try:
@@ -130,7 +144,8 @@ def _write_data(task, board=None, slot=0, task_no=0):
 
 
 def _write_samples(task, board, slot):
-    i, name, out, prog, items, strict, die_halfway = task
+    i, name, out, prog, items, strict, die_halfway = task[:7]
+    det = task[7:] == ("det",)
     tar_path = os.path.join(out, f"{name}.tar")
     tmp_tar = os.path.join(out, f".{name}.tar.tmp")
     rec = {"index": i, "name": f"{name}.tar", "samples": 0, "bytes": 0, "sha256": None,
@@ -150,6 +165,8 @@ def _write_samples(task, board, slot):
             else:  # a helper validated it (tail_help)
                 verdict, stamp = board.verdict_of(slot, k)
                 res = _process(path, stamp if verdict == PASSES else None)
+            if det and res[0] == "ok":
+                res = _fit_detection(res, label)
             if res[0] == "skip":
                 if strict:
                     raise CreateError(f"{path}: {res[1]} (--strict)")
@@ -158,9 +175,15 @@ def _write_samples(task, board, slot):
             _, data, conversion = res
             if conversion:
                 reencoded[conversion] = reencoded.get(conversion, 0) + 1
-            lab = str(label)
-            class_counts[lab] = class_counts.get(lab, 0) + 1
-            w.add_sample(sample_key(pos, rel), [("cls", lab.encode()), ("jpg", data)])
+            if det:
+                for c, count in label.class_counts:  # annotations per category index
+                    class_counts[c] = class_counts.get(c, 0) + count
+                members = [("jpg", data), ("json", label.json)]
+            else:
+                lab = str(label)
+                class_counts[lab] = class_counts.get(lab, 0) + 1
+                members = [("cls", lab.encode()), ("jpg", data)]
+            w.add_sample(sample_key(pos, rel), members)
         rec["samples"] = len(w.samples)
         if w.samples:
             w.finish()

@@ -23,30 +23,86 @@ def _find_manifests(shard_dir: str) -> list[str]:
     return out
 
 
-def _check_samples(path: str, samples, num_classes: int, full: bool, sample_every: int) -> list[str]:
+def _check_label(text: str, name: str, num_classes: int) -> list[str]:
+    text = text.strip()
+    if not text.isdigit() or int(text) >= num_classes:
+        return [f"{name}: label {text!r} not in [0, {num_classes})"]
+    return []
+
+
+def _check_annotations(text: str, name: str, category_ids: set):
+    """(problems, (width, height) or None) of a detection sample's JSON (data_tools/coco_src.py)."""
+    try:
+        d = json.loads(text)
+        w, h, anns = d["width"], d["height"], d["annotations"]
+        _ = d["image_id"], d["file_name"]
+    except (ValueError, TypeError, KeyError) as e:
+        return [f"{name}: not a detection sample's JSON ({type(e).__name__}: {e})"], None
     problems = []
+    for k, a in enumerate(anns):
+        try:
+            x, y, bw, bh = a["bbox"]
+            _ = a["id"], a["iscrowd"], a["segmentation"], a["area"]
+            if a["category_id"] not in category_ids:
+                problems.append(f"{name}: annotation {a['id']}: category_id {a['category_id']} not in the manifest")
+            # Writing clipped every box to the image: anything else is a damaged or foreign sample.
+            if not (bw > 0 and bh > 0 and x >= 0 and y >= 0 and x + bw <= w + 1e-6 and y + bh <= h + 1e-6):
+                problems.append(f"{name}: annotation {a['id']}: box {a['bbox']} not inside the {w}x{h} image")
+        except (ValueError, TypeError, KeyError) as e:
+            problems.append(f"{name}: annotations[{k}] malformed ({type(e).__name__}: {e})")
+    return problems, (w, h)
+
+
+def _check_samples(path: str, samples, man: dict, full: bool, sample_every: int) -> list[str]:
+    problems = []
+    det = man.get("task") == "detection"
+    want = {"jpg", "json"} if det else {"jpg", "cls"}
+    category_ids = {c["id"] for c in man.get("categories", ())}
     with open(path, "rb") as f:
         picks = range(len(samples)) if full else sorted({0, len(samples) - 1, *range(0, len(samples), sample_every)})
         for s in picks:
             members = {ext: (off, size, name) for ext, off, size, name in samples[s]}
-            if set(members) != {"jpg", "cls"}:
-                problems.append(f"sample {s}: members {sorted(members)} (want cls, jpg)")
+            if set(members) != want:
+                problems.append(f"sample {s}: members {sorted(members)} (want {', '.join(sorted(want))})")
                 continue
-            off, size, name = members["cls"]
+            off, size, name = members["json" if det else "cls"]
             f.seek(off)
-            text = f.read(size).decode("ascii", "replace").strip()
-            if not text.isdigit() or int(text) >= num_classes:
-                problems.append(f"{name}: label {text!r} not in [0, {num_classes})")
+            text = f.read(size).decode("utf-8", "replace")
+            if det:
+                found, annotated_size = _check_annotations(text, name, category_ids)
+            else:
+                found, annotated_size = _check_label(text, name, man["num_classes"]), None
+            problems += found
             off, size, name = members["jpg"]
             f.seek(off)
             try:
-                _, conversion, _ = check_image(f.read(size))
+                _, conversion, image_size = check_image(f.read(size))
             except BadImage as e:
                 problems.append(f"{name}: {e}")
                 continue
             if conversion:
                 problems.append(f"{name}: not a JPEG DALI reads as stored ({conversion})")
+            if annotated_size and tuple(annotated_size) != image_size:
+                problems.append(f"{name}: image is {image_size[0]}x{image_size[1]}, its annotations say "
+                                f"{annotated_size[0]}x{annotated_size[1]}")
     return problems
+
+
+def _check_ground_truth(shard_dir: str, man: dict) -> list[tuple[str, str]]:
+    """The COCO file written beside detection shards must hold one image per written sample."""
+    name = man["annotations"]
+    try:
+        with open(os.path.join(shard_dir, name)) as f:
+            gt = json.load(f)
+        images, anns = gt["images"], gt["annotations"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return [(name, f"unreadable ground truth: {e}")]
+    bad = []
+    if len(images) != man["num_samples"]:
+        bad.append((name, f"{len(images)} images, the manifest has {man['num_samples']} samples"))
+    if len(anns) != man["annotation_counts"]["written"]:
+        bad.append((name, f"{len(anns)} annotations, the manifest says {man['annotation_counts']['written']}"))
+    return bad
 
 
 def verify_split(shard_dir: str, manifest_path: str, *, full: bool = False, log=print) -> list[tuple[str, str]]:
@@ -95,10 +151,12 @@ def verify_split(shard_dir: str, manifest_path: str, *, full: bool = False, log=
         except (OSError, ValueError) as e:
             problems.append(f"index {sh['index_file']}: {e}")
         if not problems:
-            problems = _check_samples(path, samples, man["num_classes"], full, max(1, len(samples) // 8))
+            problems = _check_samples(path, samples, man, full, max(1, len(samples) // 8))
         total += len(samples)
         bad.extend((name, p) for p in problems)
         log(f"{'ok ' if not problems else 'BAD'} {name}: {len(samples)} samples")
+    if man.get("task") == "detection":
+        bad.extend(_check_ground_truth(shard_dir, man))
     if total != man["num_samples"] and not bad:
         bad.append((f"{split}.json", f"shards hold {total} samples, manifest says {man['num_samples']}"))
     return bad

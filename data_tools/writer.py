@@ -3,6 +3,7 @@
 Layout of ``OUT`` for split ``S``::
 
     S-000000.tar  S-000000.idx  ...   the shards and their DALI index files
+    S_annotations.json                detection only: COCO ground truth of exactly what was written
     S.json                            the manifest, written last (its presence = split complete)
     .S.progress/plan.json             while running: settings a resumed run must agree with
     .S.progress/000000.json           while running: one record per finished shard (the commit)
@@ -10,6 +11,9 @@ Layout of ``OUT`` for split ``S``::
 Samples are assigned to shards by a seeded permutation before any decoding, so a shard's content
 depends only on (source, seed, samples per shard) - not on --workers, not on interruptions. A
 skipped input leaves its shard one sample short instead of shifting every later shard.
+
+Two sample kinds share this one path: classification (``<key>.cls`` + ``<key>.jpg``, from
+imagenet_src) and detection (``<key>.jpg`` + ``<key>.json``, from the COCO layout, coco_src).
 """
 from __future__ import annotations
 
@@ -25,8 +29,9 @@ import time
 import numpy as np
 
 from data_tools import TOOL_VERSION
-from data_tools.imagenet_src import Record, Source, read_source
-from data_tools.shard_worker import CreateError, remove, run_tasks, sample_key, write_json_atomic
+from data_tools.coco_src import CocoSource, is_coco_layout, read_coco
+from data_tools.imagenet_src import Source, read_source
+from data_tools.shard_worker import CreateError, remove, run_tasks, sample_key, write_atomic, write_json_atomic
 
 __all__ = ["CreateError", "create_shards", "sample_key", "shard_name"]
 
@@ -39,8 +44,8 @@ def shard_name(split: str, i: int) -> str:
     return f"{split}-{i:06d}"
 
 
-def _plan(src: Source, seed: int, samples_per_shard: int) -> dict:
-    return {
+def _plan(src: Source | CocoSource, seed: int, samples_per_shard: int) -> dict:
+    plan = {
         "tool_version": TOOL_VERSION,
         "split": src.split,
         "source_root": src.root,
@@ -50,6 +55,9 @@ def _plan(src: Source, seed: int, samples_per_shard: int) -> dict:
         "num_records": len(src.records),
         "records_sha256": src.fingerprint(),
     }
+    if isinstance(src, CocoSource):
+        plan["empty_images"] = src.empty_images
+    return plan
 
 
 def _check_same_plan(path: str, want: dict, what: str):
@@ -74,13 +82,19 @@ def create_shards(
     seed: int = 0,
     strict: bool = False,
     progress: bool = True,
+    empty_images: str = "auto",
 ) -> dict:
-    """Write (or finish writing) the shards of ``split``; return the manifest."""
+    """Write (or finish writing) the shards of ``split``; return the manifest.
+
+    ``empty_images`` (COCO layout only, see coco_src): "auto", "keep" or "drop"."""
     if samples_per_shard < 1:
         raise CreateError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
     if workers < 1:
         raise CreateError(f"--workers must be >= 1, got {workers}")
-    src = read_source(src_root, split)
+    if is_coco_layout(src_root, split):
+        src = read_coco(src_root, split, empty_images=empty_images)
+    else:
+        src = read_source(src_root, split)
     os.makedirs(out, exist_ok=True)
     lock = _lock(out, split)
     try:
@@ -109,7 +123,7 @@ def _lock(out: str, split: str) -> int:
     return fd
 
 
-def _create_locked(src: Source, split: str, out: str, samples_per_shard: int, workers: int, seed: int,
+def _create_locked(src: Source | CocoSource, split: str, out: str, samples_per_shard: int, workers: int, seed: int,
                    strict: bool, progress: bool) -> dict:
     plan = _plan(src, seed, samples_per_shard)
     manifest_path = os.path.join(out, f"{split}.json")
@@ -149,14 +163,15 @@ def _create_locked(src: Source, split: str, out: str, samples_per_shard: int, wo
     fail_after = int(os.environ.get(FAIL_ENV, "-1"))
     run = todo if fail_after < 0 else todo[: fail_after + 1]
     tasks = []
+    kind = ("det",) if isinstance(src, CocoSource) else ()
     for k, i in enumerate(run):
         items = []
         for pos in range(i * samples_per_shard, min(n, (i + 1) * samples_per_shard)):
-            r: Record = src.records[order[pos]]
+            r = src.records[order[pos]]
             items.append((pos, r.rel, r.label, src.path_of(r)))
         # The test hook stands in for a kill after `fail_after` finished shards, halfway through
         # the next one; later shards are not started so what is left on disk is exact.
-        tasks.append((i, shard_name(split, i), out, prog, items, strict, k == fail_after))
+        tasks.append((i, shard_name(split, i), out, prog, items, strict, k == fail_after) + kind)
 
     if plan_writer is not None:
         plan_writer.result()
@@ -190,7 +205,10 @@ def _create_locked(src: Source, split: str, out: str, samples_per_shard: int, wo
     if die:
         os._exit(75)
 
-    manifest = _assemble_manifest(src, plan, [done[i] for i in range(num_shards)])
+    recs = [done[i] for i in range(num_shards)]
+    manifest = _assemble_manifest(src, plan, recs)
+    if isinstance(src, CocoSource):
+        manifest.update(_detection_fields(src, recs, out))
     write_json_atomic(manifest_path, manifest)
     shutil.rmtree(prog, ignore_errors=True)
     return manifest
@@ -233,10 +251,31 @@ def _progress_bar(total: int, initial: int, desc: str, show: bool):
     return tqdm(total=total, initial=initial, unit="img", desc=desc, smoothing=0.1)
 
 
-def _assemble_manifest(src: Source, plan: dict, recs: list[dict]) -> dict:
+def _detection_fields(src: CocoSource, recs: list[dict], out: str) -> dict:
+    """Write the ground truth of what the shards hold; return the manifest's detection fields."""
+    failed = {s["path"] for r in recs for s in r["skipped"]}  # file names are unique (coco_src)
+    written = [r.image_id for r in src.records if r.rel not in failed]
+    gt = src.ground_truth(written)
+    gt_name = f"{src.split}_annotations.json"
+    # Compact: for train2017 this is ~0.5 GB of JSON; indenting would add a third.
+    write_atomic(os.path.join(out, gt_name), json.dumps(gt, separators=(",", ":")).encode())
+    actions: dict[str, int] = {}
+    for f in src.fixed:
+        actions[f["action"]] = actions.get(f["action"], 0) + 1
+    return {
+        "task": "detection",
+        "categories": [{"id": c["id"], "name": c["name"]} for c in src.categories],
+        "annotations": gt_name,
+        "empty_images": src.empty_images,
+        "fixed": src.fixed,
+        "annotation_counts": {"written": len(gt["annotations"]), **dict(sorted(actions.items()))},
+    }
+
+
+def _assemble_manifest(src: Source | CocoSource, plan: dict, recs: list[dict]) -> dict:
     reencoded: dict[str, int] = {}
     class_counts = [0] * len(src.classes)
-    skipped = []
+    skipped = list(getattr(src, "skipped", ()))  # images the source itself could not use (COCO)
     for r in recs:
         for k, v in r["reencoded"].items():
             reencoded[k] = reencoded.get(k, 0) + v
@@ -245,6 +284,7 @@ def _assemble_manifest(src: Source, plan: dict, recs: list[dict]) -> dict:
         skipped.extend(r["skipped"])
     return {
         "format": MANIFEST_FORMAT,
+        "task": "classification",
         "plan": plan,
         "split": src.split,
         "seed": plan["seed"],
