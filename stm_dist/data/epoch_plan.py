@@ -10,6 +10,11 @@ means the same thing at any world size and micro-batch: a run resumes on the sam
 Augmentation is a function of the sample too: its random numbers come from (seed, epoch, sample
 index), so a sample looks the same whichever rank, micro-batch or layout reads it.
 
+Grouped plans (detection: ``groups`` = each sample's aspect group, landscape or portrait): the
+epoch's permutation is cut per group into whole global batches, and those batches are put in an
+order drawn from (seed, epoch) too, so every global batch holds one group only (drop_last per
+group; the step count is the same every epoch). Without ``groups`` the plan is the plain one.
+
 Val: the files in manifest order, rank r reads slice r in order; the slices partition the data
 (no padding with duplicates), so accuracy summed over ranks is exact.
 """
@@ -39,14 +44,16 @@ def epoch_seed(seed: int, epoch: int, index: int, stream: int = 0) -> int:
 
 class SampleTable:
     """Every sample of a split located in its tar: (file, jpg offset/size, cls offset/size), in
-    manifest order, read from the ``.idx`` files; keys (webdataset ``__key__``) on demand."""
+    manifest order, read from the ``.idx`` files; keys (webdataset ``__key__``) on demand.
+    ``member`` names the second member (classification ``cls``; detection ``json``, whose
+    offset/size then fill the ``cls_*`` columns)."""
 
-    def __init__(self, tars: list[str], idxs: list[str]):
-        self.tars, self.idxs = tars, idxs
+    def __init__(self, tars: list[str], idxs: list[str], member: str = "cls"):
+        self.tars, self.idxs, self.member = tars, idxs, member
         cols = [[], [], [], [], []]
         self.counts = []
         for lo in range(0, len(idxs), _BATCH_FILES):
-            for f, parsed in enumerate(_parse_index_files(idxs[lo : lo + _BATCH_FILES]), lo):
+            for f, parsed in enumerate(_parse_index_files(idxs[lo : lo + _BATCH_FILES], member), lo):
                 self.counts.append(len(parsed[0]))
                 for c, v in zip(cols, (np.full(len(parsed[0]), f, np.int64), *parsed)):
                     c.append(v)
@@ -80,15 +87,15 @@ class SampleTable:
 _BATCH_FILES = 16  # index files parsed as one array: amortises numpy's per-call cost (~1.5 MB)
 
 
-def _parse_index_files(idxs: list[str]):
-    """(jpg_off, jpg_size, cls_off, cls_size) per index file, in order."""
+def _parse_index_files(idxs: list[str], member: str = "cls"):
+    """(jpg_off, jpg_size, <member>_off, <member>_size) per index file, in order."""
     raws = []
     for idx in idxs:
         with open(idx, "rb") as fh:
             raws.append(fh.read())
     bodies = [r.partition(b"\n")[2] for r in raws]
     if all(b.endswith(b"\n") for b in bodies):
-        cols = _parse_two_member_body(b"".join(bodies))
+        cols = _parse_two_member_body(b"".join(bodies), member)
         if cols is not None:
             cut = np.cumsum([b.count(b"\n") for b in bodies])[:-1]
             return list(zip(*(np.split(c, cut) for c in cols)))
@@ -96,20 +103,20 @@ def _parse_index_files(idxs: list[str]):
     out = []
     for idx, raw in zip(idxs, raws):
         body = raw.partition(b"\n")[2]
-        parsed = _parse_two_member_body(body) if body.endswith(b"\n") else None
-        out.append(parsed if parsed is not None else _parse_index_lines(idx, raw))
+        parsed = _parse_two_member_body(body, member) if body.endswith(b"\n") else None
+        out.append(parsed if parsed is not None else _parse_index_lines(idx, raw, member))
     return out
 
 
-def _parse_index_lines(idx: str, raw: bytes):
+def _parse_index_lines(idx: str, raw: bytes, member: str = "cls"):
     lines = raw.decode().splitlines()
     cols = [[], [], [], []]
     for n, line in enumerate(lines[1:], 2):
         parts = line.split()
         members = {parts[j]: (int(parts[j + 1]), int(parts[j + 2])) for j in range(0, len(parts), 4)}
-        if "jpg" not in members or "cls" not in members:
-            raise ShardError(f"{idx}:{n}: sample lacks a jpg or cls member")
-        for c, v in zip(cols, (*members["jpg"], *members["cls"])):
+        if "jpg" not in members or member not in members:
+            raise ShardError(f"{idx}:{n}: sample lacks a jpg or {member} member")
+        for c, v in zip(cols, (*members["jpg"], *members[member])):
             c.append(v)
     return tuple(np.asarray(c, np.int64) for c in cols)
 
@@ -117,9 +124,10 @@ def _parse_index_lines(idx: str, raw: bytes):
 _POW10 = 10 ** np.arange(19, dtype=np.int64)
 
 
-def _parse_two_member_body(body: bytes):
+def _parse_two_member_body(body: bytes, member: str = "cls"):
     """(jpg_off, jpg_size, cls_off, cls_size) of index lines (header removed) that are every one
-    exactly ``cls off size name jpg off size name`` (or jpg first), single-spaced, as stm-shards
+    exactly ``cls off size name jpg off size name`` (or jpg first; ``member`` in place of cls),
+    single-spaced, as stm-shards
     writes; None for anything else. Token bounds come from the separator positions and the
     numbers from the digit bytes, all in numpy: ImageNet's 1.28 M lines took 7 s per rank with a
     Python loop per line on the 2-core box."""
@@ -140,11 +148,12 @@ def _parse_two_member_body(body: bytes):
 
     def is_word(t, word):
         s, w = starts[:, t], np.frombuffer(word, np.uint8)
-        return bool((lengths[:, t] == 3).all() and all((a[s + i] == w[i]).all() for i in range(3)))
+        return bool((lengths[:, t] == len(w)).all() and all((a[s + i] == w[i]).all() for i in range(len(w))))
 
-    if is_word(0, b"jpg") and is_word(4, b"cls"):
+    second = member.encode()
+    if is_word(0, b"jpg") and is_word(4, second):
         j, c = 0, 4
-    elif is_word(0, b"cls") and is_word(4, b"jpg"):
+    elif is_word(0, second) and is_word(4, b"jpg"):
         j, c = 4, 0
     else:
         return None
@@ -169,11 +178,18 @@ def _parse_two_member_body(body: bytes):
 
 
 class EpochPlan:
-    """The global order of one run: see the module docstring."""
+    """The global order of one run: see the module docstring. ``groups`` (optional): one small
+    non-negative int per sample; every global batch then holds samples of one group only."""
 
-    def __init__(self, num_samples: int, global_batch: int, seed: int):
+    def __init__(self, num_samples: int, global_batch: int, seed: int, groups=None):
         self.num_samples, self.global_batch, self.seed = num_samples, global_batch, seed
-        self.steps = num_samples // global_batch
+        self.groups = None if groups is None else np.asarray(groups, np.int64)
+        if self.groups is None:
+            self.steps = num_samples // global_batch
+        else:
+            if self.groups.shape != (num_samples,) or (num_samples and self.groups.min() < 0):
+                raise ValueError(f"groups must be {num_samples} non-negative ints, got shape {self.groups.shape}")
+            self.steps = int((np.bincount(self.groups) // global_batch).sum()) if num_samples else 0
         self._cached = {}
 
     def order(self, epoch: int) -> np.ndarray:
@@ -183,8 +199,26 @@ class EpochPlan:
             rng = np.random.default_rng(np.random.SeedSequence([self.seed & 0xFFFFFFFF, epoch, 0x9E7]))
             if len(self._cached) >= 2:
                 del self._cached[min(self._cached)]
-            self._cached[epoch] = rng.permutation(self.num_samples)
+            order = rng.permutation(self.num_samples)
+            if self.groups is not None:
+                order = self._grouped(order, epoch)
+            self._cached[epoch] = order
         return self._cached[epoch]
+
+    def _grouped(self, perm: np.ndarray, epoch: int) -> np.ndarray:
+        """The permutation's samples, group by group in its order, cut into whole global batches
+        (each group's remainder left out this epoch), the batches then in an order from (seed,
+        epoch) - so the groups mix over the epoch as the plain plan's samples do."""
+        g = self.global_batch
+        member = self.groups[perm]
+        batches = []
+        for grp in np.unique(member):
+            rows = perm[member == grp]
+            whole = len(rows) // g * g
+            batches.append(rows[:whole].reshape(-1, g))
+        batches = np.concatenate(batches) if batches else np.zeros((0, g), np.int64)
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed & 0xFFFFFFFF, epoch, 0x6A0]))
+        return batches[rng.permutation(len(batches))].reshape(-1)
 
     def micro(self, epoch: int, step: int, k: int, micro_batch: int) -> np.ndarray:
         """Sample indices of micro-batch ``k`` of global batch ``step`` of ``epoch``."""

@@ -1,0 +1,177 @@
+"""The detection input pipeline (DALI, CPU here): targets follow the pixels through resize and
+flip, padding, aspect grouping, world-size invariance, exact mid-epoch resume, val partition."""
+import json
+import math
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from det_loader_shards import write_split
+from stm_dist.data.epoch_plan import EpochPlan
+from stm_dist.detection.loader import build_det_train_loader, build_det_val_loader
+from stm_dist.detection.transforms import SampleError, rescale_size
+
+pytestmark = pytest.mark.filterwarnings(  # pycocotools 2.0.11's decode under numpy 2
+    "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
+
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1) * 255
+STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1) * 255
+SCALES = ((96, 64), (128, 80))
+N_TRAIN = 21  # 12 landscape + 9 portrait: 3 + 2 global batches of 4 per epoch
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("det_shards"))
+    write_split(out, "train", N_TRAIN, seed=0)
+    write_split(out, "val", 11, seed=5, per_shard=4)
+    return out
+
+
+def train(shards, batch_size=2, **kw):
+    kw.setdefault("scales", SCALES)
+    return build_det_train_loader(shards, batch_size, num_threads=1, **kw)
+
+
+def run_steps(loader, n):
+    return [loader.next_step() for _ in range(n)]
+
+
+def unpadded(images, targets):
+    return [images[i, :, : t["image_size"][0], : t["image_size"][1]] for i, t in enumerate(targets)]
+
+
+def same_sample(a_img, a_t, b_img, b_t):
+    assert a_t["key"] == b_t["key"] and a_t["image_size"] == b_t["image_size"]
+    assert torch.equal(a_img, b_img), a_t["key"]
+    for k in ("boxes", "labels", "masks"):
+        assert torch.equal(a_t[k], b_t[k]), (a_t["key"], k)
+
+
+def test_targets_follow_pixels_and_padding(shards):
+    loader = train(shards, batch_size=3, flip_prob=0.5)
+    flips, ious = 0, []
+    for _ in range(2 * len(loader)):  # two epochs: each image at several scales and flips
+        for images, targets in loader.next_step():
+            hs, ws = zip(*(t["image_size"] for t in targets))
+            assert images.dtype == torch.float32
+            assert images.shape == (len(targets), 3, math.ceil(max(hs) / 32) * 32, math.ceil(max(ws) / 32) * 32)
+            for img, t in zip(images, targets):
+                h, w = t["image_size"]
+                assert (h, w)[::-1] in [rescale_size(t["orig_size"][1], t["orig_size"][0], s) for s in SCALES]
+                pad = img.clone()
+                pad[:, :h, :w] = 0
+                assert not pad.any(), f"{t['key']}: padding is not zero"
+                assert t["labels"].tolist() == [1, 2]  # the crowd region is dropped
+                assert t["masks"].shape == (2, h, w) and t["masks"].dtype == torch.uint8
+                bright = ((img[:, :h, :w] * STD + MEAN).mean(0) > 128)
+                union = t["masks"].bool().any(0)
+                iou = (bright & union).sum() / (bright | union).sum()
+                assert iou > 0.85, f"{t['key']}: mask vs the decoded image's object pixels IoU {iou:.3f}"
+                ious.append(iou)
+                # a box is its mask's extent: the blob's exactly up to rounding, the polygon's to
+                # within its sharp tips, which may cover no pixel centre
+                for box, m, tol in zip(t["boxes"], t["masks"], (2.0, 0.75)):
+                    ys, xs = torch.nonzero(m, as_tuple=True)
+                    ref = torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=torch.float32)
+                    assert (box - ref).abs().max() <= tol, (t["key"], box, ref)
+                # the polygon sits on the left (top) and the blob on the right (bottom): a flip swaps sides
+                wide = t["orig_size"][1] >= t["orig_size"][0]
+                if wide:
+                    flips += int(t["boxes"][0, 0] > t["boxes"][1, 0])
+    assert flips > 0
+    assert sum(ious) / len(ious) > 0.88
+
+
+def test_flip_mirrors_boxes_masks_and_pixels(shards):
+    plain = run_steps(train(shards, flip_prob=0.0, scales=SCALES[:1]), 2)
+    flipped = run_steps(train(shards, flip_prob=1.0, scales=SCALES[:1]), 2)
+    for step_a, step_b in zip(plain, flipped):
+        for (ia, ta), (ib, tb) in zip(step_a, step_b):
+            for a, b, x, y in zip(unpadded(ia, ta), unpadded(ib, tb), ta, tb):
+                assert x["key"] == y["key"]
+                w = x["image_size"][1]
+                torch.testing.assert_close(a.flip(-1), b, atol=1e-4, rtol=0)
+                assert torch.equal(x["masks"].flip(-1), y["masks"])
+                mirror = torch.stack([w - x["boxes"][:, 2], x["boxes"][:, 1], w - x["boxes"][:, 0], x["boxes"][:, 3]], 1)
+                torch.testing.assert_close(mirror, y["boxes"], atol=1e-4, rtol=0)
+
+
+def test_aspect_groups_and_plan():
+    groups = np.array([0] * 13 + [1] * 9)
+    plan = EpochPlan(len(groups), 4, seed=3, groups=groups)
+    assert plan.steps == 13 // 4 + 9 // 4
+    for epoch in range(3):
+        order = plan.order(epoch)
+        assert len(order) == plan.steps * 4 and len(set(order.tolist())) == len(order)
+        assert all(len(set(groups[b].tolist())) == 1 for b in order.reshape(-1, 4))
+    assert not np.array_equal(plan.order(0), plan.order(1))
+    # the plain plan is unchanged by the option
+    assert np.array_equal(EpochPlan(22, 4, 3).order(1), EpochPlan(22, 4, 3, groups=None).order(1))
+
+
+def test_global_batches_one_aspect_group(shards):
+    loader = train(shards, batch_size=2, accum=2)
+    assert len(loader) == 12 // 4 + 9 // 4
+    for step in run_steps(loader, 2 * len(loader)):
+        sides = [t["image_size"] for _, targets in step for t in targets]
+        assert len({h > w for h, w in sides}) == 1, sides
+
+
+def test_world_size_and_resume(shards):
+    """rank 0 + rank 1 of 2 == rank 0 of 1 (accum 2), sample for sample; a state saved mid-epoch
+    and loaded into fresh loaders at the other world size continues with the same batches, across
+    the epoch end."""
+    one = train(shards, batch_size=2, accum=2, seed=7)
+    ref = run_steps(one, 3)
+    state = one.state_dict()
+    ref += run_steps(one, 4)  # 7 steps: past the end of epoch 0 (5 steps)
+    ranks = [train(shards, batch_size=2, world_size=2, rank=r, seed=7) for r in range(2)]
+    got = [run_steps(ld, 7) for ld in ranks]
+    resumed = [train(shards, batch_size=2, world_size=2, rank=r, seed=7) for r in range(2)]
+    for ld in resumed:
+        ld.load_state_dict(state)
+    tail = [run_steps(ld, 4) for ld in resumed]
+    for s in range(7):
+        for r in range(2):
+            (ia, ta), = got[r][s]
+            ib, tb = ref[s][r]
+            assert ranks[r].keys(0 if s < 5 else 1, s % 5)[0] == [t["key"] for t in ta]
+            for a, x, b, y in zip(unpadded(ia, ta), ta, unpadded(ib, tb), tb):
+                same_sample(a, x, b, y)
+            if s >= 3:
+                (ic, tc), = tail[r][s - 3]
+                for a, x, c, z in zip(unpadded(ia, ta), ta, unpadded(ic, tc), tc):
+                    same_sample(a, x, c, z)
+    assert resumed[0].state_dict()["epoch"] == 1 and resumed[0].state_dict() == ranks[0].state_dict()
+
+
+def test_val_ranks_partition_the_split(shards):
+    ids = {}
+    for r in range(3):
+        val = build_det_val_loader(shards, 2, rank=r, world_size=3, scale=(96, 64), num_threads=1)
+        first = [(images.clone(), [t["image_id"] for t in targets]) for images, targets in val]
+        second = [(images, [t["image_id"] for t in targets]) for images, targets in val]
+        assert [i for _, b in first for i in b] == [i for _, b in second for i in b]
+        assert all(torch.equal(a, b) for (a, _), (b, _) in zip(first, second))  # a second pass is the same
+        ids[r] = [i for _, b in first for i in b]
+        assert len(ids[r]) == val.num_samples
+    every = [i for r in range(3) for i in ids[r]]
+    with open(os.path.join(shards, "val_annotations.json")) as f:
+        assert sorted(every) == sorted(im["id"] for im in json.load(f)["images"])
+
+
+def test_unknown_category_names_the_sample(shards, tmp_path):
+    bad = str(tmp_path / "bad")
+    shutil.copytree(shards, bad)
+    path = os.path.join(bad, "val.json")
+    with open(path) as f:
+        man = json.load(f)
+    man["categories"], man["num_classes"] = man["categories"][:1], 1
+    with open(path, "w") as f:
+        json.dump(man, f)
+    with pytest.raises(SampleError, match=r"sample 's6000'.*category_id 7 is not in the manifest"):
+        next(iter(build_det_val_loader(bad, 2, scale=(96, 64), num_threads=1)))
