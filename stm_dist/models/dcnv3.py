@@ -151,7 +151,7 @@ class DeformableGridAttention(nn.Module):
 
 
 class DCNv3Block(nn.Module):
-    """Pre-norm DCNv3 block. Takes and returns `(x NCHW, DeformInputs)`; runs NHWC inside."""
+    """Pre-norm DCNv3 block: `block(x NCHW, DeformInputs) -> x NCHW`; runs NHWC inside."""
 
     def __init__(self, dim, drop_path, stage, depth, total_depth, input_resolution, layer_scale_init_value,
                  num_heads, deform_points=9, kernel_size=3, deform_padding=True, deform_ratio=1.0,
@@ -186,8 +186,7 @@ class DCNv3Block(nn.Module):
             ))
         return stages
 
-    def forward(self, inputs):
-        x, deform = inputs
+    def forward(self, x, deform: DeformInputs):
         if tuple(x.shape[-2:]) != tuple(deform.size):
             raise ValueError(f"DCNv3Block: feature map {tuple(x.shape[-2:])} does not match the sampling "
                              f"geometry {tuple(deform.size)} built by extra_inputs")
@@ -196,7 +195,7 @@ class DCNv3Block(nn.Module):
         x = x + self.drop_path(y if self.gamma1 is None else self.gamma1 * y)
         y = self.mlp(self.norm2(x))
         x = x + self.drop_path(y if self.gamma2 is None else self.gamma2 * y)
-        return x.permute(0, 3, 1, 2), deform
+        return x.permute(0, 3, 1, 2)
 
 
 def _dcn(width, depths, drop_path_rate, release=None):

@@ -13,7 +13,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.layers import trunc_normal_
+from timm.layers import SelectAdaptivePool2d, trunc_normal_
 from timm.models._features import feature_take_indices
 from torch.utils.checkpoint import checkpoint
 
@@ -64,6 +64,28 @@ class FeatureInfo(list):
         return [f["reduction"] for f in self]
 
 
+# timm's pooling types (SelectAdaptivePool2d); '' = no pooling (the classifier then needs
+# num_classes=0: forward_head returns the conv head's map).
+POOL_TYPES = ("avg", "max", "avgmax", "catavgmax", "")
+
+
+def _global_pool(pool_type: str, num_classes: int, where: str):
+    """(pooling module, width multiplier) for timm's `global_pool`; None means 'avg'."""
+    pool_type = "avg" if pool_type is None else pool_type
+    if pool_type not in POOL_TYPES:
+        raise ValueError(f"{where}: global_pool {pool_type!r} not supported: one of "
+                         f"{', '.join(repr(p) for p in POOL_TYPES)} ('' = no pooling, with num_classes=0)")
+    if pool_type == "" and num_classes > 0:
+        raise ValueError(f"{where}: global_pool='' (no pooling) needs num_classes=0 (the classifier takes a "
+                         f"pooled vector), got num_classes={num_classes}")
+    if pool_type == "avg":  # the original's module (what every recipe and fixture ran)
+        return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Identity(), nn.Flatten(1)), 1
+    if pool_type == "":
+        return nn.Identity(), 1
+    pool = SelectAdaptivePool2d(pool_type=pool_type, flatten=True)
+    return pool, pool.feat_mult()
+
+
 def _init_weights(m: nn.Module) -> None:
     # Applied to the whole network after construction, deliberately overriding block-level
     # inits (spec §1.3): this is what the original trained from.
@@ -79,7 +101,8 @@ class MetaArch(nn.Module):
     Block contract: `block_type(dim, drop_path, stage, depth, total_depth, input_resolution,
     layer_scale_init_value, **block_kwargs)`. Optional hooks on the block class:
     `extra_inputs(img, **forward_kwargs)` -> one extra input per stage, passed to every block of
-    stage i as the tuple `(x, extra[i])` (blocks then return a tuple too);
+    stage i as a second argument, `block(x, extra[i])` (blocks still return only x: module hooks,
+    DeepSpeed's ZeRO 3 ones included, see the map as a top-level tensor input);
     `pre_stage_transform(x)` / `post_stage_transform(x)` around each stage (layout changes).
     """
 
@@ -101,6 +124,8 @@ class MetaArch(nn.Module):
         grad_checkpointing: bool = False,
         features_only: bool = False,
         out_indices: Sequence[int] = (0, 1, 2, 3),
+        drop_rate: float = 0.0,
+        global_pool: Optional[str] = "avg",
     ):
         super().__init__()
         if len(depths) != 4 or len(dims) != 4:
@@ -108,6 +133,8 @@ class MetaArch(nn.Module):
         bad = [i for i in out_indices if i not in range(4)]
         if bad:
             raise ValueError(f"out_indices must be within 0..3, got {tuple(out_indices)}")
+        if not 0.0 <= drop_rate < 1.0:
+            raise ValueError(f"drop_rate (dropout before the classifier) must be in [0, 1), got {drop_rate}")
         self.block_type = block_type
         self.depths, self.dims = tuple(depths), tuple(dims)
         self.img_size = to_2tuple(img_size)
@@ -142,22 +169,29 @@ class MetaArch(nn.Module):
         self.stage_norms = nn.ModuleList([norm(d) for d in dims])
         self.stage_end_norm = nn.Identity() if norm_every_stage else LayerNorm2d(dims[-1])
 
-        self.num_features = int(dims[-1] * extra_transform_ratio) if extra_transform else dims[-1]
-        self.head_hidden_size = self.num_features
+        # timm's convention: num_features is the width of forward_features (the last stage),
+        # head_hidden_size that of the pre-logits vector (after the 1x1 conv head).
+        self.num_features = dims[-1]
+        self.head_hidden_size = int(dims[-1] * extra_transform_ratio) if extra_transform else dims[-1]
+        self.drop_rate = drop_rate
         if features_only:
             # A feature extractor has no classifier: unused parameters would upset DDP/ZeRO.
             self.conv_head = self.avg_head = self.head = None
+            self.head_drop = nn.Identity()
         else:
             if extra_transform:
                 self.conv_head = nn.Sequential(
-                    nn.Conv2d(dims[-1], self.num_features, 1, bias=False),
-                    nn.BatchNorm2d(self.num_features),
+                    nn.Conv2d(dims[-1], self.head_hidden_size, 1, bias=False),
+                    nn.BatchNorm2d(self.head_hidden_size),
                     nn.GELU(),
                 )
             else:
                 self.conv_head = nn.Identity()
-            self.avg_head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Identity(), nn.Flatten(1))
-            self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+            self.avg_head, mult = _global_pool(global_pool, num_classes, "MetaArch")
+            self.global_pool = "avg" if global_pool is None else global_pool
+            # No module at 0 (the recipes' value): the graphs stay what they were.
+            self.head_drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
+            self.head = nn.Linear(mult * self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
 
         info = [dict(num_chs=dims[i], reduction=4 * 2**i, module=f"stage_norms.{i}") for i in range(4)]
         self.feature_info = FeatureInfo([info[i] for i in self.out_indices] if features_only else info)
@@ -202,28 +236,28 @@ class MetaArch(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         """A new classifier for `num_classes` (0: none, forward_head returns the pooled vector);
-        `global_pool` '' removes the pooling (with num_classes=0), 'avg' restores it."""
+        `global_pool`: one of POOL_TYPES ('' removes the pooling, with num_classes=0), None keeps
+        the current one."""
         if self.features_only:
             raise RuntimeError("reset_classifier: this model was built with features_only=True (no head)")
+        pool = self.global_pool if global_pool is None else global_pool
+        avg_head, mult = _global_pool(pool, num_classes, "reset_classifier")
         if global_pool is not None:
-            if global_pool == "":
-                if num_classes > 0:
-                    raise ValueError("reset_classifier: global_pool='' (no pooling) needs num_classes=0")
-                self.avg_head = nn.Identity()
-            elif global_pool == "avg":
-                self.avg_head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Identity(), nn.Flatten(1))
-            else:
-                raise ValueError(f"reset_classifier: global_pool {global_pool!r} not supported (use 'avg' or '')")
+            self.avg_head, self.global_pool = avg_head, pool
         self.num_classes = num_classes
         ref = next(self.parameters())
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(mult * self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
         self.head.apply(_init_weights)
         self.head.to(device=ref.device, dtype=ref.dtype)
 
-    def _run_block(self, blk, x):
+    def _run_block(self, blk, x, extra=None):
+        # The extra input goes as its own argument, never packed with x in a tuple: a module's
+        # full backward hook (how ZeRO 3 releases a fetch unit's parameters) only sees top-level
+        # tensor arguments, and would fire before the block's weight gradients exist.
+        args = (x,) if extra is None else (x, extra)
         if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(blk, x, use_reentrant=False)
-        return blk(x)
+            return checkpoint(blk, *args, use_reentrant=False)
+        return blk(*args)
 
     def forward_intermediates(
         self,
@@ -252,14 +286,10 @@ class MetaArch(nn.Module):
             x = self.downsample_layers[i](x)
             if hasattr(bt, "pre_stage_transform"):
                 x = bt.pre_stage_transform(x)
-            if extra is not None:
-                x = (x, extra[i])
             for blk in self.stages[i]:
-                x = self._run_block(blk, x)
+                x = self._run_block(blk, x, None if extra is None else extra[i])
             if hasattr(bt, "post_stage_transform"):
                 x = bt.post_stage_transform(x)
-            if extra is not None:
-                x = x[0]
             x = self.stage_norms[i](x)
             if i in take:
                 outs.append(self.stage_end_norm(x) if norm and i == n - 1 else x)
@@ -299,10 +329,11 @@ class MetaArch(nn.Module):
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Conv head, global pooling, then the classifier (`pre_logits`: the pooled vector)."""
+        """Conv head, global pooling, dropout (drop_rate), then the classifier (`pre_logits`: the
+        pooled vector after the dropout, as timm's heads give it)."""
         if self.features_only:
             raise RuntimeError("forward_head needs the conv head; this model was built with features_only=True")
-        x = self.avg_head(self.conv_head(x))
+        x = self.head_drop(self.avg_head(self.conv_head(x)))
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor):

@@ -138,7 +138,7 @@ def test_feature_map_mismatch_is_a_clear_error():
     model = create_model("unified_dcn_v3_micro")
     wrong = DCNv3Block.extra_inputs(torch.zeros(1, 3, 128, 128))[0]
     with pytest.raises(ValueError, match=r"feature map \(16, 16\) does not match the sampling geometry \(32, 32\)"):
-        model.stages[0][0]((torch.zeros(1, 32, 16, 16), wrong))
+        model.stages[0][0](torch.zeros(1, 32, 16, 16), wrong)
 
 
 def test_grad_checkpointing_same_numbers():
