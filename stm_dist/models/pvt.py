@@ -68,11 +68,18 @@ class PvtBlock(NHWCStage, nn.Module):
     resolution and resized bilinearly (align_corners=True, as the original's checkpoint loader
     does) when the feature map has another size, so any input that is a multiple of 32 runs;
     at the construction size no resize happens and the numbers are the original's.
+
+    `detection=True` is the original's detection block: the residual stream skips the positional
+    embedding (the identity is taken before it is added; only the attention input carries it).
     """
 
+    # What stm_dist.detection.create_backbone adds to block_kwargs: the original's detection block.
+    detection_kwargs = dict(detection=True)
+
     def __init__(self, dim, drop_path, stage, depth, total_depth, input_resolution, layer_scale_init_value,
-                 num_heads, mlp_ratios, sr_ratios, qkv_bias=True, fused_attn=True):
+                 num_heads, mlp_ratios, sr_ratios, qkv_bias=True, fused_attn=True, detection=False):
         super().__init__()
+        self.detection = detection
         if depth == 0:
             self.pos_embed = nn.Parameter(torch.zeros(1, dim, *input_resolution))
             trunc_normal_(self.pos_embed, std=0.02)
@@ -94,10 +101,15 @@ class PvtBlock(NHWCStage, nn.Module):
 
     def forward(self, x):
         B, H, W, C = x.shape
-        if self.pos_embed is not None:
-            x = x + self._pos_embed_at(H, W)
-        x = x.view(B, H * W, C)
-        y = self.attn(self.norm1(x), H, W)
+        if self.pos_embed is None:
+            x = x.view(B, H * W, C)
+            y = self.attn(self.norm1(x), H, W)
+        elif self.detection:
+            y = self.attn(self.norm1((x + self._pos_embed_at(H, W)).view(B, H * W, C)), H, W)
+            x = x.view(B, H * W, C)
+        else:
+            x = (x + self._pos_embed_at(H, W)).view(B, H * W, C)
+            y = self.attn(self.norm1(x), H, W)
         x = x + self.drop_path(y if self.gamma_1 is None else self.gamma_1 * y)
         y = self.mlp(self.norm2(x))
         x = x + self.drop_path(y if self.gamma_2 is None else self.gamma_2 * y)

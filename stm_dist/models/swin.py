@@ -4,6 +4,11 @@ Beyond the original: any input size works. The feature map is zero-padded (botto
 multiple of the window, padded keys are masked out, and the shift mask is built for each
 resolution and kept in a small LRU shared by all blocks. At the construction resolution the persistent `attn_mask` buffer is used
 as is (it stays in the state dict for key parity), so 224x224 outputs are the original's.
+
+`detection=True` is the original's detection block instead (detection/mmdet_custom/.../swin.py):
+every odd block shifts by window // 2 at any map size (no clamp to one window), the map is
+padded to a multiple of the window with the padded tokens attended like real ones (only the
+shift regions are masked, the mask built per input size), and there is no `attn_mask` buffer.
 """
 import torch
 import torch.nn as nn
@@ -35,14 +40,16 @@ def window_reverse(windows: torch.Tensor, ws: int, H: int, W: int) -> torch.Tens
     return x.reshape(-1, H, W, C)
 
 
-def shift_window_mask(H: int, W: int, Hp: int, Wp: int, ws: int, shift: int, device=None):
+def shift_window_mask(H: int, W: int, Hp: int, Wp: int, ws: int, shift: int, device=None,
+                      mask_padding: bool = True):
     """Additive (nW, ws*ws, ws*ws) mask for a map padded from (H, W) to (Hp, Wp), or None.
 
     Tokens may only attend tokens of the same label: the 3x3 shift regions of Swin (built in the
     rolled frame, as the original), and padding gets labels of its own so that no real token
-    attends a padded one.
+    attends a padded one (`mask_padding=False`: padded tokens are ordinary tokens, as in the
+    original detection backbone).
     """
-    if shift == 0 and (H, W) == (Hp, Wp):
+    if shift == 0 and ((H, W) == (Hp, Wp) or not mask_padding):
         return None
     label = torch.zeros(Hp, Wp, device=device)
     if shift > 0:
@@ -53,6 +60,8 @@ def shift_window_mask(H: int, W: int, Hp: int, Wp: int, ws: int, shift: int, dev
                 label[hs, wsl] = cnt
                 cnt += 1
     pad = torch.zeros(Hp, Wp, device=device)
+    if not mask_padding:
+        H, W = Hp, Wp
     pad[H:, :] = 1.0
     pad[:, W:] = 1.0
     if shift > 0:
@@ -124,13 +133,17 @@ class WindowAttention(nn.Module):
 
 
 class SwinBlock(nn.Module):
+    # What stm_dist.detection.create_backbone adds to block_kwargs: the original's detection block.
+    detection_kwargs = dict(detection=True)
+
     def __init__(self, dim, drop_path=0.0, stage=0, depth=0, total_depth=0, input_resolution=(56, 56),
                  layer_scale_init_value=1e-6, num_heads=(3, 6, 12, 24), window_size=7, mlp_ratio=4,
-                 fused_attn=True):
+                 fused_attn=True, detection=False):
         super().__init__()
         self.input_resolution = tuple(input_resolution)
+        self.detection = detection
         shift = 0 if depth % 2 == 0 else window_size // 2
-        if min(self.input_resolution) <= window_size:
+        if min(self.input_resolution) <= window_size and not detection:
             # As the original: a stage no larger than one window neither shifts nor pads.
             shift, window_size = 0, min(self.input_resolution)
         self.window_size, self.shift_size = window_size, shift
@@ -138,7 +151,7 @@ class SwinBlock(nn.Module):
         self.gamma_1 = layer_scale((dim,), layer_scale_init_value)
         self.gamma_2 = layer_scale((dim,), layer_scale_init_value)
         H, W = self.input_resolution
-        if shift > 0:
+        if shift > 0 and not detection:
             Hp, Wp = -(-H // window_size) * window_size, -(-W // window_size) * window_size
             self.register_buffer("attn_mask", shift_window_mask(H, W, Hp, Wp, window_size, shift),
                                  persistent=True)
@@ -153,19 +166,19 @@ class SwinBlock(nn.Module):
     def _mask(self, H, W, Hp, Wp, shift, device, dtype):
         if (H, W) == self.input_resolution and self.attn_mask is not None and shift == self.shift_size:
             return self.attn_mask
-        ws = self.window_size
-        if shift == 0 and (H, W) == (Hp, Wp):
+        ws, mask_padding = self.window_size, not self.detection
+        if shift == 0 and ((H, W) == (Hp, Wp) or not mask_padding):
             return None
 
         def build():
-            return shift_window_mask(H, W, Hp, Wp, ws, shift, device).to(dtype)
+            return shift_window_mask(H, W, Hp, Wp, ws, shift, device, mask_padding).to(dtype)
 
-        return _MASKS.get((H, W, Hp, Wp, ws, shift, str(device), dtype), build)
+        return _MASKS.get((H, W, Hp, Wp, ws, shift, mask_padding, str(device), dtype), build)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # NCHW -> NCHW
         B, C, H, W = x.shape
         ws, s = self.window_size, self.shift_size
-        if min(H, W) <= ws:
+        if min(H, W) <= ws and not self.detection:
             # The original's rule, applied to the actual size: a map that fits one window gains
             # nothing from shifting, and the cyclic-shift mask would cut neighbours apart.
             s = 0
