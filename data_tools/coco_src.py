@@ -217,8 +217,11 @@ def _images(data: dict, path: str, skipped: list) -> dict:
     return images
 
 
-def read_coco(root: str, split: str, *, empty_images: str = "auto") -> CocoSource:
-    """The images of ``split`` with their cleaned annotations, sorted by image id."""
+def read_coco(root: str, split: str, *, empty_images: str = "auto", strict: bool = False) -> CocoSource:
+    """The images of ``split`` with their cleaned annotations, sorted by image id.
+
+    ``strict``: an unusable image entry or a dropped annotation stops the run (SourceError)
+    instead of being listed; clipping and the empty-image policy are not failures."""
     if empty_images not in EMPTY_POLICIES:
         raise SourceError(f"--empty-images must be one of {EMPTY_POLICIES}, got {empty_images!r}")
     root = os.path.abspath(root)
@@ -252,6 +255,12 @@ def read_coco(root: str, split: str, *, empty_images: str = "auto") -> CocoSourc
         if ann is not None:
             per_image[image["id"]].append(ann)
 
+    if strict and (skipped or any(f["action"] == "dropped" for f in fixed)):
+        what = skipped[0] if skipped else next(f for f in fixed if f["action"] == "dropped")
+        name = what["path"] or "?"
+        if "annotation_id" in what:
+            name += f" annotation {what['annotation_id']}"
+        raise SourceError(f"{path}: {name}: {what['reason']} (--strict)")
     records, kept = [], {}
     for iid in sorted(images):
         im, anns = images[iid], per_image[iid]

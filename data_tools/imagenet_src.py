@@ -134,5 +134,6 @@ def read_source(root: str, split: str) -> Source:
     if os.path.isdir(os.path.join(root, split)):
         return _read_class_folders(root, split)
     raise SourceError(
-        f"--src {root}: neither {root}/meta/{split}.txt (ImageNet layout) nor {root}/{split}/<class>/ found"
+        f"--src {root}: neither {root}/meta/{split}.txt (ImageNet layout) nor {root}/{split}/<class>/ "
+        f"nor {root}/annotations/instances_{split}.json (COCO layout) found"
     )

@@ -92,7 +92,7 @@ def create_shards(
     if workers < 1:
         raise CreateError(f"--workers must be >= 1, got {workers}")
     if is_coco_layout(src_root, split):
-        src = read_coco(src_root, split, empty_images=empty_images)
+        src = read_coco(src_root, split, empty_images=empty_images, strict=strict)
     else:
         src = read_source(src_root, split)
     os.makedirs(out, exist_ok=True)
