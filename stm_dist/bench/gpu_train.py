@@ -7,20 +7,20 @@ process, on synthetic batches made on the device once before timing:
   engine          stm_dist.engine.step.build_engine(..., compile=False): DeepSpeed, fp32 master
                   weights, autocast forward, the same loss, clip and AdamW settings;
   engine_compile  the same with compile=True.
-Cases of one model are timed in interleaved rounds (plain, engine, ... then again), so drift of
-the machine hits every mode alike; a mode's img/s is the median over its rounds. Peak memory is
+The modes of one group are timed in interleaved rounds (plain, engine, ... then again), so drift
+of the machine hits every mode alike; a mode's img/s is the median over its rounds. Peak memory is
 torch.cuda.max_memory_allocated over a case's warm-up steps minus what was allocated before the
 case was built (so the batches and other cases' weights are not counted).
 
-Order = priority under --budget-s: the models in --compile-models get all three modes first (the
-compile >= 1.2x eager check), then the other models plain+engine (the engine >= 0.95x plain check
-for every mixer), then their compile cases, each started only while its predicted time still
-fits. Results are rewritten to --json / --md after every group, so a run killed at its time limit
-keeps what it finished.
+Order = priority under --budget-s: first the eager modes (plain + engine) of every model, in the
+order of --models (DCNv3, the one model that runs the compiled CUDA op, first), then
+engine_compile of the --compile-models, then of the others; a group is started only while its
+predicted time still fits. --json / --md are rewritten whenever a number is measured (each case's
+warm-up, each round), so a run killed at any moment keeps everything measured until then;
+--append adds to a file of an earlier run with the same settings (a later compile-only run).
 """
 import argparse
 import gc
-import json
 import math
 import os
 import statistics
@@ -28,17 +28,18 @@ import sys
 import time
 import traceback
 
+from ._gpu_train_table import cell, load_for_append, markdown, write
+
 MODES = ("plain", "engine", "engine_compile")
-TINY = ("unified_convnext_tiny", "unified_swin_tiny", "unified_halo_tiny", "unified_pvt_tiny",
-        "unified_dcn_v3_tiny")
-ENGINE_MIN_RATIO, COMPILE_MIN_RATIO = 0.95, 1.2  # issue 10, "Must show"
+TINY = ("unified_dcn_v3_tiny", "unified_convnext_tiny", "unified_swin_tiny", "unified_pvt_tiny",
+        "unified_halo_tiny")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("--models", default=",".join(TINY), help="comma-separated registered model names")
+    p.add_argument("--models", default=",".join(TINY), help="comma-separated registered model names, in the order run")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {MODES}")
     p.add_argument("--compile-models", default="unified_convnext_tiny,unified_swin_tiny",
-                   help="models whose three modes run first, interleaved (the compile-ratio check)")
+                   help="models whose engine_compile runs before the others' (the compile-ratio check)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--num-classes", type=int, default=1000)
@@ -48,12 +49,17 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--zero-stage", type=int, default=1, choices=[0, 1, 2, 3])
+    p.add_argument("--ds-config", default=None,
+                   help="a DeepSpeed JSON for the engine modes instead of the shipped ds_configs/zero{stage}_"
+                        "{precision}.json (its stage and precision then apply to them)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (CPU dry runs)")
     p.add_argument("--budget-s", type=float, default=0.0,
                    help="start no group whose predicted time exceeds what is left of this (0: no limit)")
-    p.add_argument("--json", default=None, help="write the results here (rewritten after every group)")
-    p.add_argument("--md", default=None, help="write the markdown table here (rewritten after every group)")
+    p.add_argument("--json", default=None, help="write the results here (rewritten whenever a number is measured)")
+    p.add_argument("--md", default=None, help="write the markdown table here (rewritten with the JSON)")
+    p.add_argument("--append", action="store_true",
+                   help="keep the rows already in --json (an earlier run with the same settings) and add to them")
     return p
 
 
@@ -127,7 +133,8 @@ def _build(mode, model_name, args, device):
 
     return build_engine(model, precision=args.precision, zero_stage=args.zero_stage,
                         global_batch=args.batch, micro_batch=args.batch, compile=mode == "engine_compile",
-                        channels_last=args.channels_last, lr=1e-3, weight_decay=0.05, clip_grad=5.0)
+                        channels_last=args.channels_last, lr=1e-3, weight_decay=0.05, clip_grad=5.0,
+                        ds_config=args.ds_config)
 
 
 def _batches(args, device, n=2):
@@ -167,100 +174,79 @@ def _row(model_name, mode, args, error=None, skipped=None) -> dict:
             "precision": args.precision, "zero_stage": None if mode == "plain" else args.zero_stage,
             "img_per_s": None, "img_per_s_rounds": [], "step_ms": None, "peak_mib": None,
             "first_step_s": None, "warmup_s": None, "build_s": None, "case_s": None, "loss": None,
-            "error": error, "skipped": skipped}
+            "error": error, "skipped": skipped,
+            "state": "failed" if error else ("skipped" if skipped else "measuring")}
 
 
-def run_group(model_name, modes, args, device) -> list:
-    """Build each mode's runner (warm-up and peak memory one at a time), then interleaved timing."""
+def _error(row, e):
+    row["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+    row["state"] = "failed"
+    traceback.print_exc()
+
+
+def _timings(row, ts, args):
+    """img/s and step time from the rounds so far (called after every round)."""
+    row["img_per_s_rounds"] = [round(args.steps * args.batch / t, 1) for t in ts]
+    row["img_per_s"] = round(statistics.median(row["img_per_s_rounds"]), 1)
+    row["step_ms"] = round(1000 * statistics.median(ts) / args.steps, 2)
+    # Wall time this case cost (build, warm-up, its rounds): what the budget planner learns from.
+    row["case_s"] = round((row["build_s"] or 0) + (row["warmup_s"] or 0) + sum(ts), 2)
+
+
+def run_group(model_name, modes, args, device, rows, save) -> list:
+    """Build each mode's runner (warm-up and peak memory one at a time), then interleaved timing.
+    The group's rows go into `rows` at once; `save()` is called whenever one of them changes."""
     import torch
 
     cuda = device.type == "cuda"
     batches = _batches(args, device)
-    rows, runners = [], {}
-    for mode in modes:
-        row = _row(model_name, mode, args)
-        rows.append(row)
+    group, runners = [_row(model_name, mode, args) for mode in modes], {}
+    rows += group
+    save()
+    for row in group:
         try:
             _free(device)
             if cuda:
                 torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device) if cuda else 0
             t0 = time.perf_counter()
-            runner = _build(mode, model_name, args, device)
+            runner = _build(row["mode"], model_name, args, device)
             row["build_s"] = round(time.perf_counter() - t0, 2)
+            if row["mode"] != "plain":  # what the engine runs at (a --ds-config may set them)
+                row["zero_stage"], row["precision"] = runner.zero_stage, runner.precision.name
             row["first_step_s"], _ = _run_steps(runner, batches, 1, device)
             rest, _ = _run_steps(runner, batches, max(args.warmup - 1, 0), device)
             row["warmup_s"] = row["first_step_s"] + rest
+            row["case_s"] = round(row["build_s"] + row["warmup_s"], 2)
             if cuda:
                 row["peak_mib"] = round((torch.cuda.max_memory_allocated(device) - base) / 2**20, 1)
-            runners[mode] = runner
+            runners[row["mode"]] = runner
         except Exception as e:  # one failing mode (OOM, compile error) must not lose the others
-            row["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-            traceback.print_exc()
+            _error(row, e)
+        save()
     times = {m: [] for m in runners}
     for _ in range(args.rounds):
         for mode, runner in list(runners.items()):
-            row = next(r for r in rows if r["mode"] == mode)
+            row = next(r for r in group if r["mode"] == mode)
             try:
                 dt, loss = _run_steps(runner, batches, args.steps, device)
                 times[mode].append(dt)
                 row["loss"] = float(loss)  # one host read per round, outside the timed window
+                _timings(row, times[mode], args)
+                if not math.isfinite(row["loss"]):
+                    raise FloatingPointError(f"non-finite loss {row['loss']}")
             except Exception as e:
-                row["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-                traceback.print_exc()
+                _error(row, e)
                 runners.pop(mode)
-    for row in rows:
-        ts = times.get(row["mode"])
-        if ts and row["error"] is None:
-            row["img_per_s_rounds"] = [round(args.steps * args.batch / t, 1) for t in ts]
-            row["img_per_s"] = round(statistics.median(row["img_per_s_rounds"]), 1)
-            row["step_ms"] = round(1000 * statistics.median(ts) / args.steps, 2)
-            if row["loss"] is not None and not math.isfinite(row["loss"]):
-                row["error"] = f"non-finite loss {row['loss']}"
-        # Wall time this case cost (build, warm-up, its rounds): what the budget planner learns from.
-        row["case_s"] = round((row["build_s"] or 0) + (row["warmup_s"] or 0) + sum(ts or []), 2)
+            save()
+    for row in group:
+        if row["state"] == "measuring":
+            row["state"] = "done"
     runners.clear()
     del batches
     _free(device)
-    return rows
-
-
-def ratios(rows) -> list:
-    out = []
-    for model in dict.fromkeys(r["model"] for r in rows):
-        ips = {r["mode"]: r["img_per_s"] for r in rows if r["model"] == model and r["img_per_s"]}
-        e_p = round(ips["engine"] / ips["plain"], 3) if "engine" in ips and "plain" in ips else None
-        c_e = round(ips["engine_compile"] / ips["engine"], 3) if "engine_compile" in ips and "engine" in ips else None
-        out.append({"model": model, "engine_vs_plain": e_p, "engine_ok": None if e_p is None else e_p >= ENGINE_MIN_RATIO,
-                    "compile_vs_eager": c_e, "compile_ok": None if c_e is None else c_e >= COMPILE_MIN_RATIO})
-    return out
-
-
-def _cell(v):
-    return "—" if v is None else str(v)
-
-
-def markdown(meta, rows) -> str:
-    lines = [f"Device: {meta['device_name']}; torch {meta['torch']}, CUDA {meta['cuda']}, DeepSpeed "
-             f"{meta['deepspeed']}; stm_dist._C CUDA kernel: {meta['c_cuda_kernel']}; {meta['precision']}, "
-             f"batch {meta['batch']}, {meta['img_size']}², ZeRO {meta['zero_stage']}, channels_last "
-             f"{meta['channels_last']}; {meta['rounds']} rounds x {meta['steps']} steps after {meta['warmup']} warm-up.",
-             "", "| model | mode | img/s | per round | step ms | peak MiB | first step s | loss | note |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        note = r.get("error") or r.get("skipped") or ""
-        loss = None if r["loss"] is None else f"{r['loss']:.4f}"
-        lines.append(f"| {r['model']} | {r['mode']} | {_cell(r['img_per_s'])} | "
-                     f"{' / '.join(map(str, r['img_per_s_rounds'])) or '—'} | {_cell(r['step_ms'])} | "
-                     f"{_cell(r['peak_mib'])} | {_cell(None if r['first_step_s'] is None else round(r['first_step_s'], 2))} | "
-                     f"{_cell(loss)} | {note.replace('|', '/')} |")
-    lines += ["", f"| model | engine / plain (need ≥ {ENGINE_MIN_RATIO}) | compile / eager (need ≥ {COMPILE_MIN_RATIO} for ConvNeXt, Swin) |",
-              "|---|---|---|"]
-    for q in ratios(rows):
-        ok = {True: " ok", False: " BELOW", None: ""}
-        lines.append(f"| {q['model']} | {_cell(q['engine_vs_plain'])}{ok[q['engine_ok']]} | "
-                     f"{_cell(q['compile_vs_eager'])}{ok[q['compile_ok']]} |")
-    return "\n".join(lines) + "\n"
+    save()
+    return group
 
 
 def _meta(args, device):
@@ -268,7 +254,7 @@ def _meta(args, device):
 
     meta = {"device": str(device), "torch": torch.__version__, "cuda": torch.version.cuda,
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "deepspeed": None, "c_cuda_kernel": None}
+            "deepspeed": None, "c_cuda_kernel": None, "ds_config": args.ds_config}
     try:
         import deepspeed
 
@@ -290,30 +276,18 @@ def _meta(args, device):
 
 def _plan(models, modes, compile_models):
     """Groups in priority order (see the module docstring)."""
-    first = [m for m in models if m in compile_models]
-    rest = [m for m in models if m not in compile_models]
     eager = [x for x in modes if x != "engine_compile"]
-    groups = [(m, list(modes)) for m in first] + [(m, eager) for m in rest if eager]
+    groups = [(m, eager) for m in models] if eager else []
     if "engine_compile" in modes:
-        groups += [(m, ["engine_compile"]) for m in rest]
+        first = [m for m in models if m in compile_models]
+        groups += [(m, ["engine_compile"]) for m in first + [m for m in models if m not in first]]
     return groups
 
 
 def _predict(modes, seen):
     """Seconds a group should take: the slowest such case seen so far, with a margin; a guess
     before any was seen (compile of a tiny model is ~1 min cold on the GPU machine's 16 cores)."""
-    per = [1.3 * max(seen[m]) if seen.get(m) else (90.0 if m == "engine_compile" else 25.0) for m in modes]
-    return sum(per)
-
-
-def _write(args, meta, rows):
-    doc = {"meta": meta, "rows": rows, "ratios": ratios(rows)}
-    for path, text in ((args.json, json.dumps(doc, indent=1)), (args.md, markdown(meta, rows))):
-        if path:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            with open(path + ".tmp", "w") as f:
-                f.write(text)
-            os.replace(path + ".tmp", path)  # a kill mid-write never leaves half a file
+    return sum(1.3 * max(seen[m]) if seen.get(m) else (90.0 if m == "engine_compile" else 25.0) for m in modes)
 
 
 def run(args) -> int:
@@ -325,6 +299,10 @@ def run(args) -> int:
     for key in ("batch", "img_size", "steps", "rounds"):
         if getattr(args, key) < 1:
             _fail(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
+    if args.ds_config and not os.path.isfile(args.ds_config):
+        _fail(f"--ds-config: no such file {args.ds_config}")
+    if args.append and not args.json:
+        _fail("--append needs --json (the file to add to)")
     import torch
 
     from stm_dist.models import list_models
@@ -355,36 +333,31 @@ def run(args) -> int:
             engine_error = f"engine unavailable: {type(e).__name__}: {e}".splitlines()[0][:300]
             traceback.print_exc()
     meta = _meta(args, device)
-    rows, seen = [], {}
-    compile_models = {m.strip() for m in args.compile_models.split(",")}
-    queue = _plan(models, modes, compile_models)
-    while queue:
-        model_name, group = queue.pop(0)
+    rows = load_for_append(args.json, meta) if args.append else []
+    new = len(rows)  # the exit status speaks for this run's rows only
+
+    def save():
+        write(args.json, args.md, meta, rows)
+
+    seen = {}
+    for model_name, group in _plan(models, modes, {m.strip() for m in args.compile_models.split(",")}):
         left = args.budget_s - (time.perf_counter() - t_start) if args.budget_s else math.inf
         need = _predict(group, seen)
-        if need > left and "engine_compile" in group and len(group) > 1:
-            # The eager pair matters for every mixer: run it now, the compile case at the end.
-            queue.insert(0, (model_name, [m for m in group if m != "engine_compile"]))
-            later = [i for i, (_, g) in enumerate(queue) if g == ["engine_compile"]]
-            queue.insert(later[0] if later else len(queue), (model_name, ["engine_compile"]))
-            continue
         run_now = [m for m in group if m == "plain"] if engine_error else group
-        if run_now and need > left:
-            rows += [_row(model_name, m, args, skipped=f"budget: {left:.0f} s left, ~{need:.0f} s needed")
-                     for m in run_now]
-            print(f"[gpu_train] skip {model_name} {run_now}: ~{need:.0f} s needed, {left:.0f} s left", flush=True)
-        elif run_now:
-            got = run_group(model_name, run_now, args, device)
-            for r in got:
-                seen.setdefault(r["mode"], []).append(r["case_s"])
-                print(f"[gpu_train] {r['model']:24s} {r['mode']:15s} img/s {_cell(r['img_per_s']):>9s}  "
-                      f"peak MiB {_cell(r['peak_mib']):>8s}  first step {r['first_step_s'] or 0:.1f} s  "
-                      f"{r['error'] or ''}", flush=True)
-            rows += got
         rows += [_row(model_name, m, args, error=engine_error) for m in group if m not in run_now]
-        _write(args, meta, rows)
+        if run_now and need > left:
+            rows += [_row(model_name, m, args, skipped=f"budget: {max(left, 0):.0f} s left, ~{need:.0f} s needed")
+                     for m in run_now]
+            print(f"[gpu_train] skip {model_name} {run_now}: ~{need:.0f} s needed, {max(left, 0):.0f} s left", flush=True)
+        elif run_now:
+            for r in run_group(model_name, run_now, args, device, rows, save):
+                seen.setdefault(r["mode"], []).append(r["case_s"] or 0)
+                print(f"[gpu_train] {r['model']:24s} {r['mode']:15s} img/s {cell(r['img_per_s']):>9s}  "
+                      f"peak MiB {cell(r['peak_mib']):>8s}  first step {r['first_step_s'] or 0:.1f} s  "
+                      f"{r['error'] or ''}", flush=True)
+        save()
     print(markdown(meta, rows), flush=True)
-    return 1 if any(r.get("error") for r in rows) else 0
+    return 1 if any(r.get("error") for r in rows[new:]) else 0
 
 
 def main(argv=None) -> int:
