@@ -9,6 +9,7 @@ Attribute names are the original's state-dict prefixes (`downsample_layers`, `st
 `stage_norms`, `stage_end_norm`, `conv_head`, `avg_head`, `head`): released checkpoints load
 strictly.
 """
+import logging
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -20,6 +21,8 @@ from torch.utils.checkpoint import checkpoint
 from .layers import LayerNorm2d, to_2tuple
 
 __all__ = ["MetaArch", "Stem", "DownsampleLayer", "FeatureInfo"]
+
+_logger = logging.getLogger(__name__)
 
 
 class Stem(nn.Module):
@@ -225,11 +228,19 @@ class MetaArch(nn.Module):
 
     def load_pretrained(self, checkpoint, **kwargs):
         """timm's `custom_load` hook (`timm.create_model(name, pretrained=True)`): our loader's
-        conventions (stm_dist.models.pretrained); a head of another class count is replaced."""
+        conventions (stm_dist.models.pretrained); a head of another class count is replaced,
+        with a warning naming both counts (timm logs the same when it adapts a classifier)."""
         from .pretrained import load_pretrained
 
         kwargs.setdefault("new_head", True)
-        return load_pretrained(self, checkpoint, **kwargs)
+        report = load_pretrained(self, checkpoint, **kwargs)
+        if report.new_head:
+            old, new = report.head_classes
+            name = (getattr(self, "pretrained_cfg", None) or {}).get("architecture") or type(self).__name__
+            _logger.warning(f"{name}: the {old}-class classifier of {report.source} is not used: the model has "
+                            f"num_classes={new}, its head is newly initialised (pass num_classes={old} to keep "
+                            "the file's)")
+        return report
 
     def get_classifier(self) -> nn.Module:
         return self.head

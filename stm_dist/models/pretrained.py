@@ -15,8 +15,6 @@ does the original's conveniences (spec §1.6):
   is dropped and the model keeps the head it was built with (its own init); the report says so.
 Missing/unexpected keys are reported by name; in strict mode they are an error.
 """
-import argparse
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -25,15 +23,13 @@ from typing import List, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from .weights_file import CheckpointError, _truthy, read_file
+
 __all__ = ["load_pretrained", "extract_state_dict", "read_label_map", "LoadReport", "CheckpointError"]
 
 _MODEL_OWN_BUFFERS = ("relative_position_index", "attn_mask")
 _HEAD_KEYS = ("head.weight", "head.bias")
 _PREFIXES = ("module.", "_orig_mod.")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that does not fit the model; the message names the keys at fault."""
 
 
 @dataclass
@@ -98,10 +94,6 @@ _EMA_KEYS = ("model_ema", "state_dict_ema")
 _MODEL_KEYS = ("model", "module", "state_dict")
 
 
-def _truthy(v) -> bool:
-    return v is True or (isinstance(v, str) and v.strip().lower() in ("1", "true", "yes"))
-
-
 def extract_state_dict(obj, use_ema: bool = False, source: str = "checkpoint", is_ema: bool = False) -> dict:
     """The model state dict inside a checkpoint container (or the bare dict itself). `is_ema`:
     the file as a whole is an EMA export (its metadata / sidecar says so)."""
@@ -130,39 +122,6 @@ def extract_state_dict(obj, use_ema: bool = False, source: str = "checkpoint", i
         raise CheckpointError(f"{source}: not a state dict (non-tensor entries {bad[:5]}); expected a bare "
                               "state dict or a dict with 'model' / 'module' / 'state_dict' / 'model_ema'")
     return _strip_prefixes(sd)
-
-
-def _read_file(source: str):
-    """(checkpoint object, is an EMA export) of a .pth or .safetensors file."""
-    if not os.path.isfile(source):
-        raise FileNotFoundError(f"checkpoint not found: {source}")
-    is_ema = False
-    sidecar = source + ".json"  # stm-export's and the best checkpoints' description
-    if os.path.isfile(sidecar):
-        try:
-            with open(sidecar) as f:
-                is_ema = _truthy(json.load(f).get("ema"))
-        except (OSError, ValueError, AttributeError):
-            pass
-    with open(source, "rb") as f:
-        head = f.read(16)
-    # A safetensors file opens with an 8-byte header length and a JSON header: '{'.
-    if source.endswith(".safetensors") or (len(head) > 8 and head[8:9] == b"{"):
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(source, framework="pt", device="cpu") as f:
-                meta = f.metadata() or {}
-                obj = {k: f.get_tensor(k) for k in f.keys()}
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{source}: cannot be read as a safetensors file: {e}") from e
-        return obj, is_ema or _truthy(meta.get("stm_dist.ema"))
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        try:
-            obj = torch.load(source, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - re-raised with the file named
-            raise CheckpointError(f"{source}: cannot be read as a torch checkpoint: {e}") from e
-    return obj, is_ema
 
 
 def _resize_rel_table(key, value, target):
@@ -226,12 +185,40 @@ def load_pretrained(model: torch.nn.Module, path_or_state_dict, label_map=None, 
     """Load a checkpoint into `model` (see module doc); returns what was missing/resized/ignored.
     `new_head=True` (fine-tuning): a classifier of another class count, and no label map, is
     dropped and the model keeps its own freshly built head."""
-    is_ema = False
+    is_ema, named = False, None
     if isinstance(path_or_state_dict, (str, os.PathLike)):
         source = os.fspath(path_or_state_dict)
-        obj, is_ema = _read_file(source)
+        obj, is_ema, named = read_file(source)
     else:
         source, obj = "state dict", path_or_state_dict
+    try:
+        return _load(model, obj, source, label_map, strict, use_ema, new_head, is_ema)
+    except CheckpointError as e:
+        other = _other_model(named, model)
+        if other:  # the file says which model it holds: the likeliest cause of a mismatch
+            raise CheckpointError(f"{source} holds weights of {named} (the file says so){other}: {e}") from None
+        raise
+
+
+def _other_model(named, model) -> str:
+    """How a load error mentions the model the file names: ', not <model>' when that is another
+    model than `model`, '' when `model`'s own name is unknown, None (not at all) when the file
+    names none or names `model` itself."""
+    if not named:
+        return None
+    mine = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    if not mine:
+        return ""
+    from .registry import resolve_name
+
+    try:
+        same = resolve_name(named) == resolve_name(mine)
+    except KeyError:
+        same = named == mine
+    return None if same else f", not {mine}"
+
+
+def _load(model, obj, source, label_map, strict, use_ema, new_head, is_ema) -> LoadReport:
     sd = extract_state_dict(obj, use_ema=use_ema, source=source, is_ema=is_ema)
     label_map = read_label_map(label_map) if label_map is not None else None
 

@@ -169,7 +169,7 @@ def create_model(name: str, **overrides) -> MetaArch:
     model = MetaArch(block_type=block, **cfg)
     from .timm_models import pretrained_cfg
 
-    model.pretrained_cfg = model.default_cfg = pretrained_cfg(_models[canonical].get("url") or "")
+    model.pretrained_cfg = model.default_cfg = pretrained_cfg(_models[canonical].get("url") or "", canonical)
     return model
 
 

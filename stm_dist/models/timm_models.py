@@ -1,15 +1,24 @@
-"""Every registered model inside timm: `timm.create_model("unified_swin_tiny")` after
-`import stm_dist.models` (aliases `unified_halonet_*` / `unified_internimage_*` too).
+"""Every registered model inside timm. The models register with timm on `import stm_dist.models`
+(do that before `timm.create_model("unified_swin_tiny")`; aliases `unified_halonet_*` /
+`unified_internimage_*` too).
 
 The entry points build through our `create_model` (the one construction path) inside timm's
 `build_model_with_cfg`, so timm's own machinery applies: `pretrained_cfg` / `default_cfg`,
 `features_only=True` (timm's FeatureGetterNet over `MetaArch.forward_intermediates`),
-`pretrained_cfg_overlay`. Weights load with our checkpoint conventions
-(stm_dist.models.pretrained: containers, prefixes, rel-pos / pos-embed resizing, a new head for
-another class count): a file or URL through `MetaArch.load_pretrained` (timm's `custom_load`
-hook; timm's own reader refuses the original's release files, which pickle an
-argparse.Namespace), an in-memory state dict (`pretrained_cfg_overlay=dict(state_dict=...)`)
-through `filter_state_dict`.
+`pretrained_cfg_overlay`, and timm's standard arguments (`drop_rate`: dropout before the
+classifier; `global_pool`: 'avg', 'max', 'avgmax', 'catavgmax', '' = none; `output_stride`: 32,
+the only stride the unified models have; `in_chans`), so timm's train.py creates them.
+
+Weights load with our checkpoint conventions (stm_dist.models.pretrained: containers, prefixes,
+rel-pos / pos-embed resizing, a new head for another class count, logged as a warning that names
+both counts): a file or URL through `MetaArch.load_pretrained` (timm's `custom_load` hook, also
+for `pretrained_cfg_overlay=dict(file=...)`; timm's own reader refuses the original's release
+files, which pickle an argparse.Namespace), an in-memory state dict
+(`pretrained_cfg_overlay=dict(state_dict=...)`) through `filter_state_dict`. A local file that
+records its data config (stm-export's files: input size, crop, mean/std, class count) configures
+the model with it: `timm.data.resolve_data_config({}, model=m)` gives the file's input size, and
+without `num_classes` the model takes the file's class count. The caller's arguments and overlay
+entries win over the file's.
 """
 from functools import partial
 
@@ -40,27 +49,61 @@ _BASE = dict(
 )
 
 
-def pretrained_cfg(url: str = "") -> dict:
+def pretrained_cfg(url: str = "", architecture: str = "") -> dict:
     """timm-style pretrained cfg of one of our models, with its release URL (if any)."""
-    return dict(_BASE, url=url)
+    cfg = dict(_BASE, url=url)
+    if architecture:
+        cfg["architecture"] = architecture
+    return cfg
 
 
 def filter_state_dict(state_dict: dict, model) -> dict:
     """timm's pretrained_filter_fn: our loader does the conversion into `model` (strict, a new
     head for another class count); timm then loads the converted weights back unchanged."""
-    from .pretrained import load_pretrained
-
-    load_pretrained(model, state_dict, new_head=True)
+    model.load_pretrained(state_dict)
     return model.state_dict()
 
 
-def _construct(create_model, canonical: str, **kwargs):
+def _construct(create_model, canonical: str, output_stride: int = 32, **kwargs):
+    if output_stride != 32:
+        raise ValueError(f"{canonical}: output_stride={output_stride} is not supported: the unified models "
+                         "have stride 32 only (no dilated stages); leave it at 32, or take the stride 4/8/16 "
+                         "maps with features_only=True")
     if "in_chans" in kwargs:  # timm's name for it
         kwargs["in_channels"] = kwargs.pop("in_chans")
     return create_model(canonical, **kwargs)
 
 
+def _weights_overlay(overlay: dict, kwargs: dict) -> dict:
+    """The caller's pretrained_cfg_overlay completed from the weights it names: a local file's
+    data config (input size, crop, mean/std, class count) and, when the caller gives no
+    num_classes, the weights' class count; our loader reads the file (custom_load)."""
+    from .weights_file import DATA_KEYS, describe
+
+    given = dict(overlay)
+    found = {}
+    if isinstance(overlay.get("file"), str) and overlay["file"]:
+        cfg = describe(overlay["file"])["pretrained_cfg"]
+        # JSON gave lists; timm's cfg holds tuples (resolve_data_config returns them as they are).
+        found = {k: tuple(cfg[k]) if isinstance(cfg[k], list) else cfg[k] for k in DATA_KEYS if cfg.get(k) is not None}
+    elif isinstance(overlay.get("state_dict"), dict):
+        from .weights_file import _head_rows
+
+        inner = next((overlay["state_dict"][k] for k in ("model", "module", "state_dict")
+                      if isinstance(overlay["state_dict"].get(k), dict)), overlay["state_dict"])
+        rows = _head_rows(inner)
+        found = {} if rows is None else {"num_classes": rows}
+    if "num_classes" in kwargs:  # the caller's class count: the file's head is replaced if it differs
+        found.pop("num_classes", None)
+    if any(given.get(k) for k in ("file", "url", "hf_hub_id", "hf_hub_filename")):
+        # timm resets custom_load for an overlaid source; our loader reads every source.
+        given.setdefault("custom_load", True)
+    return dict(found, **given)
+
+
 def _build(create_model, timm_name: str, canonical: str, pretrained: bool = False, **kwargs):
+    if pretrained:
+        kwargs["pretrained_cfg_overlay"] = _weights_overlay(kwargs.get("pretrained_cfg_overlay") or {}, kwargs)
     return build_model_with_cfg(
         partial(_construct, create_model, canonical), timm_name, pretrained,
         pretrained_filter_fn=filter_state_dict,
@@ -83,7 +126,8 @@ def register(create_model, canonical: str, url: str = "", aliases=()) -> None:
 
         entry.__name__ = entry.__qualname__ = name
         entry.__module__ = __name__
-        entry.__doc__ = f"{canonical} (stm_dist); pretrained=True loads {url or 'no released weights'}"
+        entry.__doc__ = (f"{canonical} (stm_dist, registered with timm on `import stm_dist.models`); "
+                         f"pretrained=True loads {url or 'no released weights'}")
         globals()[name] = entry
         if name in _registered:  # a re-registered mixer: replace without timm's overwrite warning
             from timm.models._registry import _clear_model_entries

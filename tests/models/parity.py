@@ -166,6 +166,6 @@ def check_counts(name: str, params: int, features: int, entries: int = None) -> 
     """Spec §4: exact parameter count, pooled feature width and state-dict entry count."""
     model = meta_model(name)
     assert sum(p.numel() for p in model.parameters()) == params
-    assert model.num_features == features
+    assert model.head_hidden_size == features
     if entries is not None:
         assert len(model.state_dict()) == entries

@@ -49,7 +49,7 @@ def test_param_count_and_state_dict_layout(name):
     stm, size = name.split("_")[1], name.split("_")[2]
     sd = model.state_dict()
     assert len(sd) == ENTRIES[stm][SIZES.index(size)]
-    assert model.num_features == FEATURES[size]
+    assert model.head_hidden_size == FEATURES[size]
     ref = original_keys(name)
     if ref is not None:  # full listings exist for micro and tiny
         assert list(sd) == [k for k, _ in ref]

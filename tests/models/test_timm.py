@@ -45,7 +45,8 @@ def test_timm_builds_the_paper_models_with_spec_counts(name):
         model = timm.create_model(name)
     params, features, chans = SPEC[name]
     assert sum(p.numel() for p in model.parameters()) == params
-    assert model.num_features == features and model.feature_info.channels() == chans
+    assert model.head_hidden_size == features and model.feature_info.channels() == chans
+    assert model.num_features == chans[-1]  # timm: the width of forward_features
     mixer, size = name[len("unified_"):].rsplit("_", 1)
     cfg = model.pretrained_cfg
     assert cfg["url"] == ("https://github.com/OpenGVLab/STM-Evaluation/releases/download/cls-ckpt/"
@@ -129,7 +130,8 @@ def test_forward_head_of_forward_features_is_forward(name):
         pooled = model.forward_head(f, pre_logits=True)
         assert torch.equal(model.forward_head(f), model(x))
         assert torch.equal(model.head(pooled), model(x))
-    assert tuple(f.shape) == (2, model.dims[-1], 2, 2) and tuple(pooled.shape) == (2, model.num_features)
+    assert tuple(f.shape) == (2, model.num_features, 2, 2) and tuple(pooled.shape) == (2, model.head_hidden_size)
+    assert model.get_classifier().in_features == model.head_hidden_size != model.num_features
 
 
 def test_reset_classifier():
@@ -140,9 +142,9 @@ def test_reset_classifier():
     assert model.num_classes == 5 and model.get_classifier().out_features == 5 and model(x).shape == (1, 5)
     assert torch.all(model.head.bias == 0) and 0.005 < model.head.weight.std().item() < 0.04  # trunc_normal(.02)
     model.reset_classifier(0)
-    assert model(x).shape == (1, model.num_features)
+    assert model(x).shape == (1, model.head_hidden_size)
     model.reset_classifier(0, global_pool="")
-    assert model(x).shape == (1, model.num_features, 2, 2)
+    assert model(x).shape == (1, model.head_hidden_size, 2, 2)
     with pytest.raises(ValueError, match="needs num_classes=0"):
         model.reset_classifier(3, global_pool="")
 
@@ -195,3 +197,77 @@ def test_pretrained_through_timm_offline(tmp_path):
 def test_unknown_timm_argument_is_named():
     with pytest.raises(TypeError, match=r"unknown argument\(s\) \['bogus'\]"):
         timm.create_model("unified_swin_micro", bogus=1)
+
+
+def test_timm_train_py_creates_the_models():
+    """timm's train.py passes these (its defaults, None values dropped by timm.create_model)."""
+    for name in ("unified_swin_micro", "unified_dcn_v3_micro"):
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False, in_chans=3, drop_rate=0.0, scriptable=False,
+                                      checkpoint_path="", global_pool=None, drop_path_rate=None)
+        assert model.num_classes == 1000
+
+
+def test_drop_rate_is_dropout_before_the_classifier():
+    torch.manual_seed(0)
+    model = timm.create_model("unified_convnext_micro", drop_rate=0.5, num_classes=4)
+    x = torch.randn(2, 3, 64, 64)
+    feats = model.forward_features(x)
+    model.train()
+    pooled = model.forward_head(feats, pre_logits=True)
+    zeros = (pooled == 0).float().mean().item()
+    assert 0.3 < zeros < 0.7  # half the pooled features dropped (GELU output is rarely exactly 0)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model.forward_head(feats), model.head(model.forward_head(feats, pre_logits=True)))
+    with pytest.raises(ValueError, match="drop_rate"):
+        timm.create_model("unified_convnext_micro", drop_rate=1.5)
+
+
+@pytest.mark.parametrize("pool,mult", [("avg", 1), ("max", 1), ("avgmax", 1), ("catavgmax", 2)])
+def test_global_pool_types(pool, mult):
+    torch.manual_seed(0)
+    model = timm.create_model("unified_convnext_micro", global_pool=pool, num_classes=3).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        f = model.conv_head(model.forward_features(x))
+        pooled = model.forward_head(model.forward_features(x), pre_logits=True)
+        want = {"avg": f.mean((2, 3)), "max": f.amax((2, 3)), "avgmax": 0.5 * (f.mean((2, 3)) + f.amax((2, 3))),
+                "catavgmax": torch.cat([f.mean((2, 3)), f.amax((2, 3))], 1)}[pool]
+        torch.testing.assert_close(pooled, want)
+        assert model(x).shape == (2, 3)
+    assert model.get_classifier().in_features == mult * model.head_hidden_size
+    model.reset_classifier(5, global_pool="avg")
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_head(model.forward_features(x), pre_logits=True), f.mean((2, 3)))
+    assert model(x).shape == (2, 5)
+
+
+def test_global_pool_none_and_unknown():
+    x = torch.randn(1, 3, 64, 64)
+    unpooled = timm.create_model("unified_convnext_micro", global_pool="", num_classes=0).eval()
+    with torch.no_grad():
+        assert unpooled(x).shape == (1, unpooled.head_hidden_size, 2, 2)
+    with pytest.raises(ValueError, match=r"global_pool=''.*num_classes=0"):
+        timm.create_model("unified_convnext_micro", global_pool="")
+    with pytest.raises(ValueError, match=r"global_pool 'median'.*'avg'"):
+        timm.create_model("unified_convnext_micro", global_pool="median")
+
+
+def test_output_stride():
+    with torch.device("meta"):
+        assert timm.create_model("unified_pvt_micro", output_stride=32).feature_info.reduction()[-1] == 32
+    with pytest.raises(ValueError, match=r"unified_pvt_micro: output_stride=16 .*32"):
+        timm.create_model("unified_pvt_micro", output_stride=16)
+
+
+def test_readme_and_timm_docstring_say_the_models_register_on_import():
+    from stm_dist.models import timm_models
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    readme = open(os.path.join(repo, "README.md")).read()
+    top = readme[:readme.index("Precision:")]  # the part that shows the models
+    assert re.search(r"register with timm[^.]*`import stm_dist\.models`", top), "README"
+    assert re.search(r"register with timm[^.]*`import stm_dist\.models`", timm_models.__doc__ or "")
+    entry = timm.models.model_entrypoint("unified_swin_micro")
+    assert "import stm_dist.models" in entry.__doc__
