@@ -64,10 +64,12 @@ def _digit_pools():
 
 def _canvas(rng, backgrounds, w: int, h: int) -> np.ndarray:
     bg = Image.fromarray(backgrounds[rng.integers(len(backgrounds))])
+    # A random window of the photo (at most all of it) stretched to the canvas: resampling only
+    # the window keeps this cheap.
     scale = max(w / bg.width, h / bg.height) * rng.uniform(1.0, 1.6)
-    bg = bg.resize((max(w, round(bg.width * scale)), max(h, round(bg.height * scale))), Image.BILINEAR)
-    x, y = rng.integers(bg.width - w + 1), rng.integers(bg.height - h + 1)
-    a = np.asarray(bg)[y : y + h, x : x + w].astype(np.float32)
+    cw, ch = min(bg.width, w / scale), min(bg.height, h / scale)
+    x, y = rng.uniform(0, bg.width - cw), rng.uniform(0, bg.height - ch)
+    a = np.asarray(bg.resize((w, h), Image.BILINEAR, box=(x, y, x + cw, y + ch)), np.float32)
     return a[:, ::-1] if rng.random() < 0.5 else a
 
 

@@ -14,6 +14,8 @@ def _find_manifests(shard_dir: str) -> list[str]:
     found = sorted(p for p in glob.glob(os.path.join(shard_dir, "*.json")))
     out = []
     for p in found:
+        if p.endswith("_annotations.json") and os.path.exists(p[: -len("_annotations.json")] + ".json"):
+            continue  # a detection split's ground truth (train2017's is ~0.5 GB: not parsed to be skipped)
         try:
             with open(p) as f:
                 if str(json.load(f).get("format", "")).startswith("stm-shards/"):
