@@ -4,7 +4,7 @@ Contract (see /tmp/det_contracts.md "Input pipeline" and stm_dist.data's docstri
 
     build_det_train_loader(shard_dir, batch_size, *, rank=0, world_size=1, accum=1, seed=0,
                            scales=((1333, 800),), flip_prob=0.5, size_divisor=32, device="cpu",
-                           num_threads=2, split="train", dont_use_mmap=False)
+                           num_threads=2, split="train", dont_use_mmap=False, backend="dali")
         the classification train loader's contract (plan_loader.PlanTrainLoader: len, next_step,
         iter, set_epoch, state_dict / load_state_dict at any world size, keys, num_samples,
         num_classes, last_step, close) over an epoch plan whose global batches each hold images
@@ -15,10 +15,13 @@ Contract (see /tmp/det_contracts.md "Input pipeline" and stm_dist.data's docstri
         key}, crowd regions and degenerate boxes dropped.
     build_det_val_loader(shard_dir, batch_size, *, rank=0, world_size=1, scale=(1333, 800),
                          size_divisor=32, device="cpu", num_threads=2, split="val",
-                         dont_use_mmap=False, with_masks=True)
+                         dont_use_mmap=False, with_masks=True, backend="dali")
         iterable of (images, targets), no flip, crowd kept; the ranks' slices partition the split
         (every image once); ``num_samples`` = this rank's count. ``with_masks=False`` skips
         rasterising the ground-truth masks (evaluation reads them from the COCO file instead).
+
+``backend="pil"``: the same plan, choices and targets with the pixels made by PIL + torch in
+``num_threads`` DataLoader workers (torch_loader.py; the reference DALI is tested against).
 
 Labels are contiguous: 1 + position of the COCO category id in the manifest's ``categories``.
 """
@@ -97,10 +100,16 @@ class DetTrainLoader(PlanTrainLoader):
 
     backend = "dali"
 
-    def __init__(self, shard_dir, batch_size, *, rank=0, world_size=1, accum=1, seed=0, scales=MMDET_SCALE,
-                 flip_prob=0.5, size_divisor=32, device="cpu", num_threads=2, split="train", dont_use_mmap=False):
+    def __init__(self, *args, **kwargs):
+        self._setup(*args, **kwargs)
+        self._dali_device, self._device_id = _dali_device(self.device)
+        self._it = self._source = None
+
+    def _setup(self, shard_dir, batch_size, *, rank=0, world_size=1, accum=1, seed=0, scales=MMDET_SCALE,
+               flip_prob=0.5, size_divisor=32, device="cpu", num_threads=2, split="train", dont_use_mmap=False):
         # PlanTrainLoader.__init__ reads a classification table (.cls members); the same fields
         # are set here from the detection manifest, and every other method is its own.
+        _check_device(device)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
         if accum < 1 or batch_size < 1:
@@ -129,8 +138,6 @@ class DetTrainLoader(PlanTrainLoader):
                              f"{accum} accumulation) of one aspect group")
         self.epoch = self.step = self.micro = 0
         self.last_step = None
-        self._dali_device, self._device_id = _dali_device(device)
-        self._it = self._source = None
 
     def describe(self) -> dict:
         import nvidia.dali
@@ -157,8 +164,15 @@ class DetTrainLoader(PlanTrainLoader):
 class DetValLoader:
     """See the module docstring. One pipeline for every pass; a pass left unfinished rebuilds it."""
 
-    def __init__(self, shard_dir, batch_size, *, rank=0, world_size=1, scale=MMDET_SCALE[0], size_divisor=32,
-                 device="cpu", num_threads=2, split="val", dont_use_mmap=False, with_masks=True):
+    def __init__(self, *args, **kwargs):
+        self._setup(*args, **kwargs)
+        self._dali_device, self._device_id = _dali_device(self.device)
+        self._it = self._source = None
+        self._finished = False
+
+    def _setup(self, shard_dir, batch_size, *, rank=0, world_size=1, scale=MMDET_SCALE[0], size_divisor=32,
+               device="cpu", num_threads=2, split="val", dont_use_mmap=False, with_masks=True):
+        _check_device(device)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
         if batch_size < 1 or size_divisor < 1:
@@ -176,9 +190,6 @@ class DetValLoader:
         self.scale, self.size_divisor, self.with_masks = check_scales([scale])[0], int(size_divisor), with_masks
         self.num_threads = num_threads
         self.reader = TarReader(tars, dont_use_mmap)
-        self._dali_device, self._device_id = _dali_device(device)
-        self._it = self._source = None
-        self._finished = False
 
     def __len__(self):
         return -(-self.num_samples // self.batch_size)
@@ -203,9 +214,29 @@ class DetValLoader:
             raise RuntimeError(f"val rank {self.rank}: read {seen} samples, expected {self.num_samples}")
 
 
-def build_det_train_loader(shard_dir, batch_size, **kwargs) -> DetTrainLoader:
+def _check_backend(backend: str):
+    if backend not in ("dali", "pil"):
+        raise ValueError(f"backend must be 'dali' or 'pil', got {backend!r}")
+
+
+def _check_device(device: str):
+    if device != "cpu" and not str(device).startswith("cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+
+
+def build_det_train_loader(shard_dir, batch_size, *, backend="dali", **kwargs):
+    _check_backend(backend)
+    if backend == "pil":
+        from stm_dist.detection.torch_loader import TorchDetTrainLoader
+
+        return TorchDetTrainLoader(shard_dir, batch_size, **kwargs)
     return DetTrainLoader(shard_dir, batch_size, **kwargs)
 
 
-def build_det_val_loader(shard_dir, batch_size, **kwargs) -> DetValLoader:
+def build_det_val_loader(shard_dir, batch_size, *, backend="dali", **kwargs):
+    _check_backend(backend)
+    if backend == "pil":
+        from stm_dist.detection.torch_loader import TorchDetValLoader
+
+        return TorchDetValLoader(shard_dir, batch_size, **kwargs)
     return DetValLoader(shard_dir, batch_size, **kwargs)

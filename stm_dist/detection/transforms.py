@@ -10,7 +10,8 @@ Resize keeps the ratio by mmdet's rule (``mmcv.rescale_size``): for a scale (lon
 factor is min(long / longer side, short / shorter side) and the new size is rounded to the
 nearest pixel; boxes are scaled by the exact per-axis ratios new/old, clipped to the image.
 Flip is mmdet's: x1' = w - x2. Masks are rasterised by pycocotools at the resized size (polygons
-scaled first) or decoded (RLE) at the original size and resized nearest-neighbour.
+scaled first, inside their window) or decoded (RLE) at the original size and resized
+nearest-neighbour.
 """
 from __future__ import annotations
 
@@ -87,25 +88,44 @@ def _nearest(mask: np.ndarray, new_h: int, new_w: int) -> np.ndarray:
     return mask[rows[:, None], cols[None, :]]
 
 
-def rasterise(segm, height: int, width: int, new_h: int, new_w: int, where: str) -> np.ndarray:
-    """One annotation's mask, uint8 (new_h, new_w), from polygons or RLE at the original size."""
+def _scaled_polygons(segm: list, sx: float, sy: float, where: str) -> list[np.ndarray]:
+    polys = []
+    for poly in segm:
+        p = np.array(poly, np.float64)
+        if p.ndim != 1 or len(p) < 6 or len(p) % 2:
+            raise SampleError(f"{where}: a polygon has {p.size} coordinates (needs >= 6, even)")
+        p[0::2] *= sx
+        p[1::2] *= sy
+        polys.append(p)
+    return polys
+
+
+def rasterise(segm, height: int, width: int, new_h: int, new_w: int, where: str):
+    """One annotation's mask at the resized size as (window, x0, y0): the uint8 pixels of the
+    part [y0, y0 + rows) x [x0, x0 + cols) of the (new_h, new_w) mask outside of which it is 0.
+
+    Polygons (pixels of the original image) are scaled and rasterised inside their bounding
+    window only, shifted by whole pixels (which pycocotools' rasteriser commutes with exactly):
+    a full-image mask per instance cost ~1.4 ms at 1333x800, most of a sample's host time.
+    RLE is decoded at the original size and resized nearest-neighbour."""
     from pycocotools import mask as mask_utils
 
-    if isinstance(segm, list):  # polygons, in pixels of the original image
-        sx, sy = new_w / width, new_h / height
-        polys = []
-        for poly in segm:
-            p = np.asarray(poly, np.float64)
-            if p.ndim != 1 or len(p) < 6 or len(p) % 2:
-                raise SampleError(f"{where}: a polygon has {p.size} coordinates (needs >= 6, even)")
-            p = p.copy()
-            p[0::2] *= sx
-            p[1::2] *= sy
-            polys.append(p.tolist())
+    if isinstance(segm, list):
+        polys = _scaled_polygons(segm, new_w / width, new_h / height, where)
         if not polys:
-            return np.zeros((new_h, new_w), np.uint8)
-        rle = mask_utils.merge(mask_utils.frPyObjects(polys, new_h, new_w))
-        return mask_utils.decode(rle)
+            return np.zeros((0, 0), np.uint8), 0, 0
+        xs = np.concatenate([p[0::2] for p in polys])
+        ys = np.concatenate([p[1::2] for p in polys])
+        # one pixel of margin beyond the extent, cut to the image (pycocotools clips there too)
+        x0, x1 = max(0, int(np.floor(xs.min())) - 1), min(new_w, int(np.ceil(xs.max())) + 1)
+        y0, y1 = max(0, int(np.floor(ys.min())) - 1), min(new_h, int(np.ceil(ys.max())) + 1)
+        if x1 <= x0 or y1 <= y0:
+            return np.zeros((0, 0), np.uint8), 0, 0
+        for p in polys:
+            p[0::2] -= x0
+            p[1::2] -= y0
+        rle = mask_utils.merge(mask_utils.frPyObjects([p.tolist() for p in polys], y1 - y0, x1 - x0))
+        return mask_utils.decode(rle), x0, y0
     if isinstance(segm, dict) and "counts" in segm and "size" in segm:
         if list(segm["size"]) != [height, width]:
             raise SampleError(f"{where}: RLE size {segm['size']} is not the image's [{height}, {width}]")
@@ -113,8 +133,16 @@ def rasterise(segm, height: int, width: int, new_h: int, new_w: int, where: str)
         if isinstance(segm["counts"], list):  # uncompressed RLE
             rle = mask_utils.frPyObjects(segm, height, width)
         m = mask_utils.decode(rle)
-        return _nearest(m, new_h, new_w) if (new_h, new_w) != (height, width) else m
+        return (_nearest(m, new_h, new_w) if (new_h, new_w) != (height, width) else m), 0, 0
     raise SampleError(f"{where}: segmentation is neither polygons nor RLE ({type(segm).__name__})")
+
+
+def full_mask(segm, height: int, width: int, new_h: int, new_w: int, where: str = "") -> np.ndarray:
+    """The whole (new_h, new_w) mask of one annotation (what :func:`rasterise` windows)."""
+    out = np.zeros((new_h, new_w), np.uint8)
+    m, x0, y0 = rasterise(segm, height, width, new_h, new_w, where)
+    out[y0 : y0 + m.shape[0], x0 : x0 + m.shape[1]] = m
+    return out
 
 
 def build_target(meta: dict, key: str, new_w: int, new_h: int, flip: int, labels_of: dict, *, drop_crowd: bool,
@@ -122,7 +150,7 @@ def build_target(meta: dict, key: str, new_w: int, new_h: int, flip: int, labels
     """The contract's target dict of one sample resized to (new_w, new_h), flipped if ``flip``."""
     height, width = meta["height"], meta["width"]
     sx, sy = new_w / width, new_h / height
-    boxes, labels, masks = [], [], []
+    boxes, labels, kept = [], [], []
     for ann in meta["annotations"]:
         where = f"sample {key!r} (image_id {meta['image_id']}), annotation id {ann.get('id')}"
         if not keep_annotation(ann, width, height, drop_crowd):
@@ -136,19 +164,26 @@ def build_target(meta: dict, key: str, new_w: int, new_h: int, flip: int, labels
             continue
         boxes.append(box)
         labels.append(label)
-        if with_masks:
-            masks.append(rasterise(ann["segmentation"], height, width, new_h, new_w, where))
+        kept.append((ann, where))
     boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
-    masks = np.stack(masks) if masks else np.zeros((0, new_h, new_w), np.uint8)
     if flip:
         boxes = np.stack([new_w - boxes[:, 2], boxes[:, 1], new_w - boxes[:, 0], boxes[:, 3]], axis=1)
-        masks = masks[:, :, ::-1]
+    if with_masks:
+        # zeros is calloc'd: only the windows are written (flipped in place when the image is)
+        masks = np.zeros((len(kept), new_h, new_w), np.uint8)
+        for n, (ann, where) in enumerate(kept):
+            m, x0, y0 = rasterise(ann["segmentation"], height, width, new_h, new_w, where)
+            rows, cols = m.shape
+            if flip:
+                masks[n, y0 : y0 + rows, new_w - x0 - cols : new_w - x0] = m[:, ::-1]
+            else:
+                masks[n, y0 : y0 + rows, x0 : x0 + cols] = m
     target = {"boxes": torch.from_numpy(np.ascontiguousarray(boxes, np.float32)),
               "labels": torch.as_tensor(labels, dtype=torch.int64),
               "image_id": int(meta["image_id"]), "image_size": (new_h, new_w), "orig_size": (height, width),
               "key": key}
     if with_masks:
-        target["masks"] = torch.from_numpy(np.ascontiguousarray(masks, np.uint8))
+        target["masks"] = torch.from_numpy(masks)
     return target
 
 
