@@ -1,11 +1,14 @@
 """stm-shards on the COCO layout: the digits-on-photos demo set, detection shards, and their checks."""
 import hashlib
+import io
 import json
 import os
+import shutil
 import subprocess
 
 import numpy as np
 import pytest
+from PIL import Image
 from pycocotools import mask as mask_utils
 
 from data_tools.tar_index import scan_tar
@@ -63,8 +66,6 @@ def test_demo_coco_masks_are_exact_and_deterministic(demo, tmp_path):
             by_image.setdefault(a["image_id"], []).append(a)
         assert len(by_image) == n and len({a["id"] for a in gt["annotations"]}) == len(gt["annotations"])
         for im in gt["images"]:
-            from PIL import Image
-
             assert Image.open(src / split / im["file_name"]).size == (im["width"], im["height"])
             masks = []
             for a in by_image[im["id"]]:
@@ -133,10 +134,6 @@ def test_coco_shards_hold_each_image_with_its_annotations(demo, tmp_path):
 
 def _bad_coco_source(demo, root):
     """The demo's train split copied as splits "train" and "val", with one of each problem case."""
-    import shutil
-
-    from PIL import Image
-
     gt = json.loads((demo / "src" / "annotations" / "instances_train.json").read_text())
     ims = gt["images"]
     name = {k: ims[k]["file_name"] for k in range(len(ims))}
@@ -169,8 +166,6 @@ def _bad_coco_source(demo, root):
 
 
 def test_bad_coco_inputs_are_named_and_skipped(demo, tmp_path, capsys):
-    from PIL import Image
-
     gt, name, upright = _bad_coco_source(demo, tmp_path / "src")
     out = tmp_path / "out"
     capsys.readouterr()
@@ -210,8 +205,6 @@ def test_bad_coco_inputs_are_named_and_skipped(demo, tmp_path, capsys):
     # The sideways JPEG was stored upright (what its annotations describe), without an EXIF tag.
     assert man["train"]["counts"]["reencoded_by_kind"] == {"exif-orientation": 1}
     stored = next(m["jpg"] for m in read_samples(out, "train").values() if json.loads(m["json"])["file_name"] == name[5])
-    import io
-
     im = Image.open(io.BytesIO(stored))
     assert im.getexif().get(0x0112) is None and im.size == upright.shape[1::-1]
     assert np.abs(np.asarray(im, np.float32) - upright).mean() < 3  # the same picture, one re-encode apart
@@ -225,8 +218,6 @@ def test_bad_coco_inputs_are_named_and_skipped(demo, tmp_path, capsys):
 
 
 def test_failed_or_interrupted_coco_runs_lose_nothing(demo, tmp_path, capsys):
-    import shutil
-
     src, out = demo / "src", tmp_path / "out"
     args = [PY, "-m", "data_tools.cli", "create", "--src", str(src), "--split", "train", "--out", str(out),
             "--samples-per-shard", "2", "--workers", "2", "--no-progress"]
