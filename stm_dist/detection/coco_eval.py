@@ -34,12 +34,40 @@ def _scaled_boxes(boxes, size, orig):
     return boxes * scale
 
 
+def _rles_from_resized(masks, size, orig, image_id, chunk):
+    """Probabilities at the resized size -> bilinear to the original size -> >= 0.5 -> RLE."""
+    h, w = size
+    if masks.shape[0] and tuple(masks.shape[-2:]) != (h, w):
+        raise ValueError(f"image {image_id}: masks are {tuple(masks.shape[-2:])}, image_size is {(h, w)}")
+    rles = []
+    for s in range(0, masks.shape[0], chunk):  # chunks: 100 full-size float masks are large
+        m = masks[s:s + chunk].float().reshape(-1, 1, h, w)
+        if (h, w) != orig:
+            m = F.interpolate(m, size=orig, mode="bilinear", align_corners=False)
+        rles.extend(_rle((m[:, 0] >= MASK_THRESHOLD).cpu()))
+    return rles
+
+
+def _rles_from_small(masks, boxes, orig, chunk):
+    """mmdet's get_seg_masks with rescale: the RoI head's 28x28 probabilities pasted at the original size
+    into the boxes scaled back to it (grid_sample), then >= 0.5."""
+    from .rcnn_parts import paste_masks_mmdet
+
+    rles = []
+    for s in range(0, masks.shape[0], chunk):
+        m = paste_masks_mmdet(masks[s:s + chunk].float().cpu(), boxes[s:s + chunk].float(), *orig)
+        rles.extend(_rle(m[:, 0] >= MASK_THRESHOLD))
+    return rles
+
+
 def to_coco_results(outputs, targets, categories, mask_chunk=16):
     """outputs: the model's eval outputs for a batch; targets: the batch's targets (need "image_id",
     "image_size" (h, w) of the resized image, "orig_size" (H0, W0)); categories: the manifest's
     [{"id", "name"}] sorted by id (label l -> categories[l - 1]["id"]). Returns (bbox results, segm
     results): lists of {"image_id", "category_id", "bbox" [x, y, w, h] | "segmentation" RLE, "score"}
-    with boxes scaled to the original image and masks resized to it (bilinear) and cut at 0.5."""
+    with boxes scaled to the original image and masks resized to it (bilinear) and cut at 0.5; outputs
+    of a detector built with mmdet_compat carry "masks_28", which are pasted at the original size
+    directly, as mmdet does."""
     if len(outputs) != len(targets):
         raise ValueError(f"{len(outputs)} outputs for {len(targets)} targets")
     cat_ids = [int(c["id"]) for c in categories]
@@ -60,18 +88,12 @@ def to_coco_results(outputs, targets, categories, mask_chunk=16):
         for b, c, s in zip(boxes.tolist(), cats, scores):
             bbox_res.append({"image_id": image_id, "category_id": c, "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
                              "score": s})
-        if "masks" not in out:
+        if "masks_28" in out:  # mmdet_compat: paste the 28x28 probabilities at the original size, as mmdet
+            rles = _rles_from_small(out["masks_28"].detach(), boxes, orig, mask_chunk)
+        elif "masks" in out:
+            rles = _rles_from_resized(out["masks"].detach(), size, orig, image_id, mask_chunk)
+        else:
             continue
-        masks = out["masks"].detach()
-        h, w = size
-        if masks.shape[0] and tuple(masks.shape[-2:]) != (h, w):
-            raise ValueError(f"image {image_id}: masks are {tuple(masks.shape[-2:])}, image_size is {(h, w)}")
-        rles = []
-        for s in range(0, masks.shape[0], mask_chunk):  # chunks: 100 full-size float masks are large
-            m = masks[s:s + mask_chunk].float().reshape(-1, 1, h, w)
-            if (h, w) != orig:
-                m = F.interpolate(m, size=orig, mode="bilinear", align_corners=False)
-            rles.extend(_rle((m[:, 0] >= MASK_THRESHOLD).cpu()))
         for r, c, sc in zip(rles, cats, scores):
             segm_res.append({"image_id": image_id, "category_id": c, "segmentation": r, "score": sc})
     return bbox_res, segm_res

@@ -81,7 +81,8 @@ class MaskRCNN(nn.Module):
     """backbone -> FPN (`neck`) -> RPN -> box and mask heads. `forward(images, targets)`: training ->
     dict of scalar losses (their sum is the loss); eval -> one dict per image: "boxes" (xyxy, resized
     image pixels), "labels" (1..K), "scores", "masks" (N, 1, h, w) probabilities at the image's
-    unpadded resized size (h, w) = target["image_size"] (the whole padded tensor when no targets)."""
+    unpadded resized size (h, w) = target["image_size"] (the whole padded tensor when no targets);
+    with mmdet_compat also "masks_28", the (N, 1, 28, 28) probabilities before pasting."""
 
     def __init__(self, backbone, neck, rpn, roi_heads, num_classes, mmdet_compat=False):
         super().__init__()
@@ -127,6 +128,8 @@ class MaskRCNN(nn.Module):
             return {**rpn_losses, **roi_losses}
         paste = paste_masks_mmdet if self.mmdet_compat else _paste_torchvision
         for det, (h, w) in zip(detections, sizes):
+            if self.mmdet_compat:  # coco_eval pastes these straight at the original size, as mmdet does
+                det["masks_28"] = det["masks"]
             det["masks"] = paste(det["masks"], det["boxes"], h, w)  # (N, 1, 28, 28) -> (N, 1, h, w)
         return detections
 

@@ -126,6 +126,20 @@ def test_masks_scaled_back_to_original_size(gt_path):
     assert torch.equal(m, torch.from_numpy(_rect_mask(60, 80, (4, 6, 30, 40))).bool())
 
 
+def test_mmdet_compat_masks_pasted_at_original_size(gt_path):
+    """Outputs with "masks_28" (mmdet_compat): the 28x28 probabilities go straight to the original size
+    inside the scaled-back box, as mmdet's get_seg_masks(rescale=True), not via the resized image."""
+    outputs, targets = _outputs(2.0, noisy=False)
+    for out in outputs:
+        out["masks_28"] = torch.ones(len(out["boxes"]), 1, 28, 28)
+        out["masks"] = torch.zeros_like(out["masks"])  # ignored when masks_28 is there
+    bbox, segm = to_coco_results(outputs, targets, CATEGORIES)
+    m = masks_to_tensor([segm[0]["segmentation"]], 60, 80)[0]
+    assert torch.equal(m, torch.from_numpy(_rect_mask(60, 80, (4, 6, 30, 40))).bool())
+    res = coco_evaluate(gt_path, bbox, segm, log=lambda s: None)
+    assert res["segm_AP"] == pytest.approx(100.0)
+
+
 def test_bad_input_is_named(gt_path):
     outputs, targets = _outputs(1.0, noisy=False)
     outputs[1]["labels"][0] = 9  # only 3 categories
