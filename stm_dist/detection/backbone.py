@@ -34,7 +34,7 @@ DETECTION_DROP_PATH = {"micro": 0.1, "tiny": 0.2, "small": 0.2, "base": 0.3}
 
 # Classification-only MetaArch arguments with no meaning here.
 _CLS_ONLY = ("num_classes", "extra_transform", "extra_transform_ratio", "norm_every_stage",
-             "features_only", "url")
+             "features_only", "url", "drop_rate", "global_pool")
 _ARGS = ("depths", "dims", "drop_path_rate", "layer_scale_init_value", "block_kwargs",
          "forward_kwargs", "img_size", "in_channels", "out_indices", "grad_checkpointing")
 
