@@ -108,7 +108,7 @@ class TrainConfig:
     # Losses stay on the device and are read (and written to metrics.jsonl, one record per
     # step) every log_every steps; stop signals are also agreed on at that cadence.
     log_every: int = 10
-    eval_every_epochs: int = 1
+    eval_every_epochs: int = 1  # 0: never evaluate (val shards not needed)
     # torch.compile of the model under DeepSpeed; None = on for CUDA, off on the CPU.
     compile: Optional[bool] = None
     # channels_last activations; None = on for CUDA.
@@ -292,7 +292,7 @@ def validate(cfg: ExperimentConfig, source: str = "<config>"):
          f"({t.global_batch}) must be a multiple of train.micro_batch ({t.micro_batch})")
     need(0.0 <= t.ema_decay < 1.0, "train.ema_decay", f"must be in [0, 1), got {t.ema_decay}")
     need(t.log_every > 0, "train.log_every", f"must be > 0, got {t.log_every}")
-    need(t.eval_every_epochs >= 1, "train.eval_every_epochs", f"must be >= 1, got {t.eval_every_epochs}")
+    need(t.eval_every_epochs >= 0, "train.eval_every_epochs", f"must be >= 0 (0: never evaluate), got {t.eval_every_epochs}")
     need(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
     for key in ("warmup_init_lr", "min_lr", "weight_decay"):
         v = getattr(o, key)
@@ -410,6 +410,27 @@ def check_paths(cfg: ExperimentConfig, need_train: bool = True, need_val: bool =
         if not os.path.exists(path):
             raise ConfigError(f"'{sec}.{key}': no such file or directory: {value}")
         setattr(section, key, path)
+    check_num_classes(cfg, need_train=need_train, need_val=need_val)
+
+
+def check_num_classes(cfg: ExperimentConfig, need_train: bool = True, need_val: bool = True):
+    """model.num_classes against the class count of the shards' manifests: labels at or above it
+    would stop every process at its first step (`labels outside [0, N)`). A head wider than the
+    data set is allowed. A missing or unreadable manifest is left to the loader's own error."""
+    from stm_dist.data.manifest import ShardError, read_manifest
+
+    for key, split, needed in (("train_shards", "train", need_train), ("val_shards", "val", need_val)):
+        shards = getattr(cfg.data, key)
+        if not needed or not shards:
+            continue
+        try:
+            n = int(read_manifest(shards, split)["num_classes"])
+        except (ShardError, TypeError, ValueError):
+            continue
+        if cfg.model.num_classes < n:
+            raise ConfigError(f"'model.num_classes' is {cfg.model.num_classes} but "
+                              f"{os.path.join(shards, split + '.json')} (data.{key}) has {n} classes (labels 0..{n - 1}): "
+                              f"set model.num_classes={n}, or shards of {cfg.model.num_classes} classes")
 
 
 def dump(cfg: ExperimentConfig, path: str):
