@@ -168,3 +168,16 @@ def test_mask_paste_mmdet_matches_torchvision_inside_and_outside():
     assert a.shape == b.shape == (2, 1, 80, 100)
     for m in (a, b):
         assert (m[0, 0, 22:68, 12:48] > 0.99).all() and float(m[0, 0, :18].max()) == 0 and float(m[0, 0, :, 53:].max()) == 0
+
+
+def test_batch_without_objects_still_reaches_every_parameter(model, images):
+    """Images whose annotations were all dropped (crowds, degenerate boxes): the losses stay finite and
+    every parameter still gets a gradient (DDP and ZeRO wait for each parameter's hook)."""
+    model.train()
+    empty = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
+              "masks": torch.zeros(0, 128, 160, dtype=torch.uint8), "image_size": (128, 160)} for _ in range(2)]
+    model.zero_grad()
+    losses = model(images, empty)
+    assert float(losses["loss_box_reg"]) == 0 and float(losses["loss_mask"]) == 0
+    sum(losses.values()).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
