@@ -1,5 +1,10 @@
 """The detection input pipeline (DALI, CPU here): targets follow the pixels through resize and
-flip, padding, aspect grouping, world-size invariance, exact mid-epoch resume, val partition."""
+flip, padding, aspect grouping, world-size invariance, exact mid-epoch resume, val partition.
+
+Two shard sets: ``demo`` is what users get (stm-shards demo-coco + create: digits on photos,
+compressed RLE); ``drawn`` (det_loader_shards.py) holds white shapes on a dark ground, so an
+object's pixels can be found in the decoded image, plus polygons, uncompressed RLE, a crowd
+region and non-contiguous category ids, which the demo set does not have."""
 import json
 import math
 import os
@@ -10,9 +15,10 @@ import pytest
 import torch
 
 from det_loader_shards import write_split
+from data_tools.cli import main as shards_main
 from stm_dist.data.epoch_plan import EpochPlan
 from stm_dist.detection.loader import build_det_train_loader, build_det_val_loader
-from stm_dist.detection.transforms import SampleError, full_mask, rescale_size
+from stm_dist.detection.transforms import MULTI_SCALE_3X, SampleError, full_mask, rescale_size
 
 pytestmark = pytest.mark.filterwarnings(  # pycocotools 2.0.11's decode under numpy 2
     "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
@@ -20,15 +26,28 @@ pytestmark = pytest.mark.filterwarnings(  # pycocotools 2.0.11's decode under nu
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1) * 255
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1) * 255
 SCALES = ((96, 64), (128, 80))
-N_TRAIN = 21  # 12 landscape + 9 portrait: 3 + 2 global batches of 4 per epoch
+# Small canvases keep generation to ~3 s; both aspect groups get a few global batches of 4.
+DEMO = ["--train-images", 24, "--val-images", 9, "--min-canvas", 64, "--max-canvas", 112, "--min-size", 24,
+        "--max-size", 48, "--min-digits", 2, "--max-digits", 3]
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("det_shards"))
-    write_split(out, "train", N_TRAIN, seed=0)
+def drawn(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("drawn_shards"))
+    write_split(out, "train", 21, seed=0)  # 12 landscape + 9 portrait
     write_split(out, "val", 11, seed=5, per_shard=4)
     return out
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo_coco")
+    assert shards_main([str(a) for a in ("demo-coco", "--out", root / "src", *DEMO)]) == 0
+    for split in ("train", "val"):
+        assert shards_main([str(a) for a in ("create", "--src", root / "src", "--split", split, "--out",
+                                             root / "shards", "--samples-per-shard", 7, "--workers", 1,
+                                             "--no-progress")]) == 0
+    return str(root / "shards")
 
 
 def train(shards, batch_size=2, **kw):
@@ -52,8 +71,8 @@ def same_sample(a_img, a_t, b_img, b_t):
         assert torch.equal(a_t[k], b_t[k]), (a_t["key"], k)
 
 
-def test_targets_follow_pixels_and_padding(shards):
-    loader = train(shards, batch_size=3, flip_prob=0.5)
+def test_targets_follow_pixels_and_padding(drawn):
+    loader = train(drawn, batch_size=3, flip_prob=0.5)
     flips, ious = 0, []
     for _ in range(2 * len(loader)):  # two epochs: each image at several scales and flips
         for images, targets in loader.next_step():
@@ -87,9 +106,9 @@ def test_targets_follow_pixels_and_padding(shards):
     assert sum(ious) / len(ious) > 0.88
 
 
-def test_flip_mirrors_boxes_masks_and_pixels(shards):
-    plain = run_steps(train(shards, flip_prob=0.0, scales=SCALES[:1]), 2)
-    flipped = run_steps(train(shards, flip_prob=1.0, scales=SCALES[:1]), 2)
+def test_flip_mirrors_boxes_masks_and_pixels(drawn):
+    plain = run_steps(train(drawn, flip_prob=0.0, scales=SCALES[:1]), 2)
+    flipped = run_steps(train(drawn, flip_prob=1.0, scales=SCALES[:1]), 2)
     for step_a, step_b in zip(plain, flipped):
         for (ia, ta), (ib, tb) in zip(step_a, step_b):
             for a, b, x, y in zip(unpadded(ia, ta), unpadded(ib, tb), ta, tb):
@@ -99,6 +118,56 @@ def test_flip_mirrors_boxes_masks_and_pixels(shards):
                 assert torch.equal(x["masks"].flip(-1), y["masks"])
                 mirror = torch.stack([w - x["boxes"][:, 2], x["boxes"][:, 1], w - x["boxes"][:, 0], x["boxes"][:, 3]], 1)
                 torch.testing.assert_close(mirror, y["boxes"], atol=1e-4, rtol=0)
+
+
+def test_demo_targets_match_the_ground_truth_file_as_the_pixels_moved(demo):
+    """On stm-shards' own output: each image is the original JPEG resized (and maybe mirrored),
+    found from the pixels alone; its masks and boxes are the COCO ground-truth file's, resized
+    nearest-neighbour by pixel centres (torch's nearest-exact) and mirrored the same way."""
+    import io
+
+    from PIL import Image
+    from pycocotools import mask as mask_utils
+
+    from stm_dist.data.plan_source import TarReader
+
+    with open(os.path.join(demo, "train_annotations.json")) as f:
+        gt = json.load(f)
+    anns = {}
+    for a in gt["annotations"]:
+        anns.setdefault(a["image_id"], []).append(a)
+    loader = train(demo, flip_prob=0.5)
+    reader = TarReader(loader.table.tars)
+    jpg_of = {k: i for i, k in enumerate(loader.table.keys(range(len(loader.table))))}
+    seen_flips = set()
+    for step in run_steps(loader, len(loader)):
+        for images, targets in step:
+            for img, t in zip(unpadded(images, targets), targets):
+                h, w = t["image_size"]
+                i, tb = jpg_of[t["key"]], loader.table
+                raw = reader.read(int(tb.file[i]), int(tb.jpg_off[i]), int(tb.jpg_size[i])).tobytes()
+                ref = torch.from_numpy(np.array(Image.open(io.BytesIO(raw)).convert("RGB"))).permute(2, 0, 1)
+                ref = torch.nn.functional.interpolate(ref[None].float(), size=(h, w), mode="bilinear",
+                                                      antialias=False)[0]
+                pix = img * STD + MEAN
+                err = [float((pix - r).abs().mean()) for r in (ref, ref.flip(-1))]
+                flip = int(err[1] < err[0])
+                assert min(err) < 1.0 < max(err), (t["key"], err)
+                seen_flips.add(flip)
+                want = anns[t["image_id"]]
+                assert t["labels"].tolist() == [loader.labels_of[a["category_id"]] for a in want]
+                for m, box, a in zip(t["masks"], t["boxes"], want):
+                    full = torch.from_numpy(mask_utils.decode(a["segmentation"]))[None, None].float()
+                    small = torch.nn.functional.interpolate(full, size=(h, w), mode="nearest-exact")[0, 0]
+                    small = small.flip(-1) if flip else small
+                    assert torch.equal(m, small.to(torch.uint8)), (t["key"], a["id"])
+                    x, y, bw, bh = a["bbox"]
+                    sx, sy = w / t["orig_size"][1], h / t["orig_size"][0]
+                    ref_box = [x * sx, y * sy, (x + bw) * sx, (y + bh) * sy]
+                    if flip:
+                        ref_box = [w - ref_box[2], ref_box[1], w - ref_box[0], ref_box[3]]
+                    torch.testing.assert_close(box, torch.tensor(ref_box), atol=1e-4, rtol=0)
+    assert seen_flips == {0, 1}
 
 
 def test_windowed_polygon_masks_equal_full_image_rasterisation():
@@ -117,6 +186,15 @@ def test_windowed_polygon_masks_equal_full_image_rasterisation():
         assert np.array_equal(full_mask(segm, height, width, new_h, new_w), ref)
 
 
+def test_rescale_is_mmdets_rule():
+    # mmcv.rescale_size: factor min(long / longer side, short / shorter side), sides rounded
+    assert rescale_size(640, 480, (1333, 800)) == (1067, 800)
+    assert rescale_size(427, 640, (1333, 800)) == (800, 1199)
+    assert rescale_size(1000, 200, (1333, 800)) == (1333, 267)  # the long side caps
+    assert rescale_size(640, 480, (800, 1333)) == (1067, 800)  # (short, long) means the same
+    assert MULTI_SCALE_3X[0] == (1333, 480) and MULTI_SCALE_3X[-1] == (1333, 800) and len(MULTI_SCALE_3X) == 11
+
+
 def test_aspect_groups_and_plan():
     groups = np.array([0] * 13 + [1] * 9)
     plan = EpochPlan(len(groups), 4, seed=3, groups=groups)
@@ -130,33 +208,35 @@ def test_aspect_groups_and_plan():
     assert np.array_equal(EpochPlan(22, 4, 3).order(1), EpochPlan(22, 4, 3, groups=None).order(1))
 
 
-def test_global_batches_one_aspect_group(shards):
-    loader = train(shards, batch_size=2, accum=2)
-    assert len(loader) == 12 // 4 + 9 // 4
+def test_global_batches_one_aspect_group(demo):
+    loader = train(demo, batch_size=2, accum=2)
+    assert len(loader) == sum(n // 4 for n in np.bincount(loader.groups))
     for step in run_steps(loader, 2 * len(loader)):
         sides = [t["image_size"] for _, targets in step for t in targets]
         assert len({h > w for h, w in sides}) == 1, sides
 
 
-def test_world_size_and_resume(shards):
+def test_world_size_and_resume(demo):
     """rank 0 + rank 1 of 2 == rank 0 of 1 (accum 2), sample for sample; a state saved mid-epoch
     and loaded into fresh loaders at the other world size continues with the same batches, across
     the epoch end."""
-    one = train(shards, batch_size=2, accum=2, seed=7)
+    one = train(demo, batch_size=2, accum=2, seed=7)
+    steps = len(one)
+    assert steps >= 4
     ref = run_steps(one, 3)
     state = one.state_dict()
-    ref += run_steps(one, 4)  # 7 steps: past the end of epoch 0 (5 steps)
-    ranks = [train(shards, batch_size=2, world_size=2, rank=r, seed=7) for r in range(2)]
-    got = [run_steps(ld, 7) for ld in ranks]
-    resumed = [train(shards, batch_size=2, world_size=2, rank=r, seed=7) for r in range(2)]
+    ref += run_steps(one, steps + 1)  # past the end of epoch 0
+    ranks = [train(demo, batch_size=2, world_size=2, rank=r, seed=7) for r in range(2)]
+    got = [run_steps(ld, steps + 4) for ld in ranks]
+    resumed = [train(demo, batch_size=2, world_size=2, rank=r, seed=7) for r in range(2)]
     for ld in resumed:
         ld.load_state_dict(state)
-    tail = [run_steps(ld, 4) for ld in resumed]
-    for s in range(7):
+    tail = [run_steps(ld, steps + 1) for ld in resumed]
+    for s in range(steps + 4):
         for r in range(2):
             (ia, ta), = got[r][s]
             ib, tb = ref[s][r]
-            assert ranks[r].keys(0 if s < 5 else 1, s % 5)[0] == [t["key"] for t in ta]
+            assert ranks[r].keys(*divmod(s, steps))[0] == [t["key"] for t in ta]
             for a, x, b, y in zip(unpadded(ia, ta), ta, unpadded(ib, tb), tb):
                 same_sample(a, x, b, y)
             if s >= 3:
@@ -166,10 +246,10 @@ def test_world_size_and_resume(shards):
     assert resumed[0].state_dict()["epoch"] == 1 and resumed[0].state_dict() == ranks[0].state_dict()
 
 
-def test_val_ranks_partition_the_split(shards):
+def test_val_ranks_partition_the_split(demo):
     ids = {}
     for r in range(3):
-        val = build_det_val_loader(shards, 2, rank=r, world_size=3, scale=(96, 64), num_threads=1)
+        val = build_det_val_loader(demo, 2, rank=r, world_size=3, scale=(96, 64), num_threads=1)
         first = [(images.clone(), [t["image_id"] for t in targets]) for images, targets in val]
         second = [(images, [t["image_id"] for t in targets]) for images, targets in val]
         assert [i for _, b in first for i in b] == [i for _, b in second for i in b]
@@ -177,13 +257,13 @@ def test_val_ranks_partition_the_split(shards):
         ids[r] = [i for _, b in first for i in b]
         assert len(ids[r]) == val.num_samples
     every = [i for r in range(3) for i in ids[r]]
-    with open(os.path.join(shards, "val_annotations.json")) as f:
+    with open(os.path.join(demo, "val_annotations.json")) as f:
         assert sorted(every) == sorted(im["id"] for im in json.load(f)["images"])
 
 
-def test_unknown_category_names_the_sample(shards, tmp_path):
+def test_unknown_category_names_the_sample(drawn, tmp_path):
     bad = str(tmp_path / "bad")
-    shutil.copytree(shards, bad)
+    shutil.copytree(drawn, bad)
     path = os.path.join(bad, "val.json")
     with open(path) as f:
         man = json.load(f)
@@ -194,14 +274,14 @@ def test_unknown_category_names_the_sample(shards, tmp_path):
         next(iter(build_det_val_loader(bad, 2, scale=(96, 64), num_threads=1)))
 
 
-def test_pil_backend_matches_dali(shards):
+def test_pil_backend_matches_dali(demo):
     """The torch/PIL backend: the same samples, choices and targets, pixels within rounding."""
     for kind in ("train", "val"):
         if kind == "train":
-            dali = [mb for step in run_steps(train(shards, seed=3), 3) for mb in step]
-            pil = [mb for step in run_steps(train(shards, seed=3, backend="pil", num_threads=0), 3) for mb in step]
+            dali = [mb for step in run_steps(train(demo, seed=3), 3) for mb in step]
+            pil = [mb for step in run_steps(train(demo, seed=3, backend="pil", num_threads=0), 3) for mb in step]
         else:
-            make = lambda **kw: build_det_val_loader(shards, 4, scale=(96, 64), **kw)  # noqa: E731
+            make = lambda **kw: build_det_val_loader(demo, 4, scale=(96, 64), **kw)  # noqa: E731
             dali, pil = list(make(num_threads=1)), list(make(backend="pil", num_threads=0))
         assert len(dali) == len(pil)
         for (ia, ta), (ib, tb) in zip(dali, pil):
