@@ -4,6 +4,9 @@ across ranks (run it plainly, or under `deepspeed` / `torchrun` to split the set
     stm-eval --model unified_swin_tiny --checkpoint swin_t.pth --data shards/
     --checkpoint accepts our exports, a run directory / checkpoint folder (consolidated on the fly)
     and the original release files ({'model': ..., 'model_ema': ...}).
+
+The input size and crop are the checkpoint's (an export's pretrained_cfg, a run directory's
+config) unless --img-size / --crop-pct are given; the first line printed says which were used.
 """
 import argparse
 import json
@@ -19,8 +22,10 @@ def build_parser():
     p.add_argument("--data", required=True, help="shard directory holding the 'val' split")
     p.add_argument("--split", default="val")
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights of the checkpoint")
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--crop-pct", type=float, default=0.875)
+    p.add_argument("--img-size", type=int, default=None,
+                   help="input size (default: the checkpoint's: an export's pretrained_cfg, a run's config; else 224)")
+    p.add_argument("--crop-pct", type=float, default=None,
+                   help="centre-crop fraction (default: the checkpoint's, as --img-size; else 0.875)")
     p.add_argument("--batch", type=int, default=256, help="per-process batch size")
     p.add_argument("--num-classes", type=int, default=None, help="default: the shard manifest's class count")
     p.add_argument("--label-map", default=None, help="file of class indices when the head has more classes")
@@ -52,6 +57,32 @@ def _same_model(args, saved, where):
         raise ValueError(f"{where} holds weights of {saved}, not {args.model}: run with --model {saved}")
 
 
+def _input_config(args, warn) -> tuple:
+    """(img_size, crop_pct, one line saying which were used and where from): the flags, else what
+    the checkpoint records (an export of a 32-px run is evaluated at 32 px), else 224 / 0.875."""
+    from stm_dist.engine.export import recorded_input
+
+    recorded = {}
+    if args.img_size is None or args.crop_pct is None:
+        try:
+            recorded = recorded_input(args.checkpoint, warn=warn)
+        except (OSError, KeyError, ValueError, RuntimeError):
+            recorded = {}  # loading the weights names the problem with the file
+    chosen = {}
+    for key, flag, default in (("img_size", "--img-size", 224), ("crop_pct", "--crop-pct", 0.875)):
+        given = getattr(args, key)
+        if given is not None:
+            chosen[key] = (given, flag)
+        elif key in recorded:
+            chosen[key] = (type(default)(recorded[key]), f"from {recorded['source']}")
+        else:
+            chosen[key] = (default, "default: the checkpoint records none")
+    (size, size_from), (crop, crop_from) = chosen["img_size"], chosen["crop_pct"]
+    said = (f"img_size {size}, crop_pct {crop} ({size_from})" if size_from == crop_from
+            else f"img_size {size} ({size_from}), crop_pct {crop} ({crop_from})")
+    return size, crop, said
+
+
 def run(args) -> dict:
     import torch
 
@@ -67,16 +98,21 @@ def run(args) -> dict:
     rank, world, device = init(use_deepspeed=False)
     manifest = read_manifest(args.data, args.split)
     num_classes = args.num_classes or int(manifest["num_classes"])
-    model = create_model(args.model, num_classes=num_classes, img_size=args.img_size)
+    img_size, crop_pct, said = _input_config(args, warn=lambda m: print(f"stm-eval: {m}", file=sys.stderr))
+    if rank == 0:
+        print(f"stm-eval: {said}; num_classes {num_classes} "
+              f"({'--num-classes' if args.num_classes else 'the shard manifest'})", flush=True)
+    model = create_model(args.model, num_classes=num_classes, img_size=img_size)
     load_pretrained(model, _state_dict(args), label_map=args.label_map,
                     use_ema=args.ema and not os.path.isdir(args.checkpoint))
     model.to(device).float()
-    loader = build_val_loader(args.data, args.batch, rank=rank, world_size=world, img_size=args.img_size,
-                              crop_pct=args.crop_pct, device="cuda" if device.type == "cuda" else "cpu",
+    loader = build_val_loader(args.data, args.batch, rank=rank, world_size=world, img_size=img_size,
+                              crop_pct=crop_pct, device="cuda" if device.type == "cuda" else "cpu",
                               num_threads=args.num_threads, backend=args.backend)
     with torch.no_grad():
         r = evaluate(model, loader, device, expected_samples=int(manifest["num_samples"]))
-    r.update(model=args.model, checkpoint=os.path.abspath(args.checkpoint), world_size=world, ema=args.ema)
+    r.update(model=args.model, checkpoint=os.path.abspath(args.checkpoint), world_size=world, ema=args.ema,
+             img_size=img_size, crop_pct=crop_pct, num_classes=num_classes, input_config=said)
     return r
 
 

@@ -138,6 +138,31 @@ def write(sd: dict, out_path: str, info: dict, fmt: str):
         json.dump(dict(info, format=fmt), f, indent=1)
 
 
+def recorded_input(path: str, warn=print) -> dict:
+    """What a checkpoint records about the data its weights expect: {'img_size', 'crop_pct',
+    'num_classes'} (those it knows) and 'source' (where they were read). A weights file: its
+    pretrained_cfg (stm-export's metadata, the .pth container or the sidecar .json); a run
+    directory or checkpoint folder: the config of the run that trained it."""
+    out: dict = {}
+    if os.path.isdir(path):
+        ckpt_dir, tag, _ = locate(path, warn=warn)
+        run_cfg = _run_config(ckpt_dir, tag)
+        model, data = run_cfg.get("model") or {}, run_cfg.get("data") or {}
+        found = {"img_size": model.get("img_size"), "crop_pct": data.get("crop_pct"),
+                 "num_classes": model.get("num_classes")}
+        out["source"] = f"the run config of {os.path.join(ckpt_dir, tag)}"
+    else:
+        from stm_dist.models.weights_file import describe
+
+        cfg = describe(path)["pretrained_cfg"]
+        size = cfg.get("input_size")
+        found = {"img_size": int(size[-1]) if isinstance(size, (list, tuple)) and size else None,
+                 "crop_pct": cfg.get("crop_pct"), "num_classes": cfg.get("num_classes")}
+        out["source"] = f"{os.path.basename(path)}'s pretrained_cfg"
+    out.update({k: v for k, v in found.items() if v is not None})
+    return out
+
+
 def read_info(path: str) -> dict:
     """The description stored inside an export (model, pretrained_cfg, source, step, ema)."""
     if path.endswith(".safetensors"):
