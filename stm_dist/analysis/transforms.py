@@ -1,7 +1,7 @@
 """The invariance views: the original's PIL/torchvision transforms (tools/variance_transforms.py of
 OpenGVLab/STM-Evaluation), pixel for pixel, computed once per image for all levels.
 
-Levels are the original's: translation = jitter strength 0..64 step 4, pre/post rotation = 0..90
+Levels are the original's: translation = "jitter strength" 0..64 step 4, pre/post rotation = 0..90
 degrees step 5, scale = crop ratio range(200, 2001, 125) / 1000 (0.2 .. 1.95; the original's
 range stops before 2.0).
 
@@ -13,6 +13,13 @@ Three deliberate differences from the original, all fixes:
   ``round((H - s) / 2)``) instead of ``H // 2 - s // 2``, so jitter 0 *is* the standard view:
   the two differ by one pixel when ``H - s`` is odd and ``(H - s) // 2`` is odd.
 The rotation and scale views call the very torchvision functions the original calls.
+
+What a translation level is: the offset of the crop window (px, along each axis it moves; the
+diagonal directions move both), not the content's displacement. Within the crop margin
+((resize - img_size) / 2 on the shorter side: 16 px at 224) the content moves by the offset;
+past it the window is cut at the border and the zero padding re-centres it, so the content
+moves by about (offset + margin) / 2: 40 px for the largest offset, 64, at 224 px
+(`content_shift`, recorded per level).
 """
 from __future__ import annotations
 
@@ -68,12 +75,36 @@ def jitter_crop(image: torch.Tensor, size: int, strength: int, mode: int) -> tor
     return torch.nn.functional.pad(out, pad)
 
 
+def content_shift(offset: int, size: int, resize_to: int) -> int | None:
+    """How far (px) the content of the standard `size` crop moves in the view of a window moved
+    `offset` px down (or right) on a side of `resize_to` px (jitter_crop's geometry: the cut
+    window is re-centred by its padding). None when the window has left the image. Moving up or
+    left mirrors it (one pixel apart at most, where the margin or the padding is odd)."""
+    top = int(round((resize_to - size) / 2.0))
+    y0 = top + offset
+    shown = min(y0 + 2 * (size // 2), resize_to) - y0
+    if shown <= 0:
+        return None
+    return offset - (size - shown) // 2 if size > shown else offset
+
+
+def level_name(kind: str, img_size: int = 224, crop_pct: float = 0.875) -> str:
+    """What a level of `kind` is, in words (the JSON's level_name, the plots' axis)."""
+    if kind == "translation":
+        margin = int(round((int(img_size / crop_pct) - img_size) / 2.0))
+        return (f"crop-window offset (px per axis; the content moves as much only within the {margin} px "
+                "crop margin, about (offset + margin) / 2 past it: content_shift_px)")
+    return {"pre_rotation": "rotation before the centre crop (degrees)",
+            "post_rotation": "rotation after the centre crop (degrees)",
+            "scale": "crop ratio (the standard view's crop_pct replaced by it)"}[kind]
+
+
 class InvarianceViews:
     """image (PIL RGB), index -> (1 + L, 3, s, s) float tensor: the standard view, then one view
     per level. The shared resize (and centre crop) is done once for all levels."""
 
     def __init__(self, kind: str, img_size: int = 224, crop_pct: float = 0.875, seed: int = 0):
-        self.kind, self.size, self.seed = kind, int(img_size), int(seed)
+        self.kind, self.size, self.seed, self.crop_pct = kind, int(img_size), int(seed), float(crop_pct)
         self.levels = levels(kind)
         self.resize_to = int(img_size / crop_pct)
         self.norm = T.Normalize(MEAN, STD)

@@ -146,9 +146,10 @@ def _compare(a, out: str, shards: str, env: dict, times: dict, t_all: float) -> 
                             os.path.join(out, "analyses"), "-o", report], "the comparison report", env)
     with open(os.path.join(report, "report.json")) as f:
         r = json.load(f)
-    erf = {e["model"]: e["area_ratio"]["0.5"] for e in r["analyses"]["erf"]}
+    # report.json groups each analysis' results by comparable settings (one group here)
+    erf = {e["model"]: e["area_ratio"]["0.5"] for g in r["analyses"]["erf"] for e in g["results"]}
     pgd = {e["model"]: next((x["acc1"] for x in e["attacks"] if x["attack"] == "pgd" and x["eps"] > 0), None)
-           for e in r["analyses"]["robustness"]}
+           for g in r["analyses"]["robustness"] for e in g["results"]}
     print("\n=== comparison (digits, micro models; not ImageNet-1k: the paper's numbers are not comparable)")
     for run in sorted(r["runs"], key=lambda x: MIXERS.index(x["mixer"]) if x["mixer"] in MIXERS else 9):
         top1 = max((v for v in (run["best_top1"], run["best_top1_ema"]) if v is not None), default=None)

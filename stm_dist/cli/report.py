@@ -9,7 +9,10 @@ plots (top-1 vs GFLOPs, top-1 vs parameters, images/s per mixer).
 
 stm-analyze outputs (invariance_*.json, erf.json, robustness.json) found under RUNS_DIR, or
 under --analyses DIR, add the paper's comparison of the mixers: one figure per analysis with
-the models side by side, and their numbers in report.md and report.json.
+the models side by side, and their numbers and provenance in report.md and report.json.
+Results measured with different settings (data, image size, image count, crop, PGD settings)
+are never mixed: each set of settings is a separate group with its own table and figure, and a
+note on stderr names the setting that differs and the files.
 """
 import argparse
 import os
@@ -31,10 +34,10 @@ def build_parser():
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from stm_dist.report import ReportError, collect_runs, write_report
-    from stm_dist.report.analyses import collect_analyses
+    from stm_dist.report.analyses import collect_analyses, has_results
 
     analyses = collect_analyses(args.analyses or args.runs_dir)
-    has_analyses = any(analyses[k] for k in analyses)
+    has_analyses = has_results(analyses)
     if args.analyses and not os.path.isdir(args.analyses):
         print(f"stm-report: analyses directory not found: {args.analyses}", file=sys.stderr)
         return 2
@@ -46,6 +49,8 @@ def main(argv=None) -> int:
             print(f"stm-report: {e}", file=sys.stderr)
             return 2
         runs = []
+    for note in analyses["notes"]:
+        print(f"stm-report: note: {note}", file=sys.stderr)
     paths = write_report(runs, args.out, source=args.runs_dir, analyses=analyses if has_analyses else None)
     for r in runs:
         if r.evals == 0:

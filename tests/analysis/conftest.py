@@ -155,7 +155,7 @@ def outputs(digits_shards, fitted, tmp_path_factory):
     one, two = str(root / "one" / MODEL), str(root / "two" / MODEL)
     _many(_argvs(digits_shards, fitted[1], one) + _argvs(digits_shards, "random", str(root / "one" / SECOND), SECOND), 1)
     proc = launch(["-m", "stm_dist.cli.analyze", "all", "--types", "translation", "--limit", "13", "--images", "11",
-                   "--robustness-limit", "7", "--pgd-steps", "2", "--out", two] + _COMMON + [
+                   "--robustness-limit", "7", "--pgd-steps", "2", "--erf-img-size", "32", "--out", two] + _COMMON + [
                    "--model", MODEL, "--checkpoint", fitted[1], "--data", digits_shards], 2)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return {"root": str(root / "one"), "one": one, "two": two}

@@ -58,3 +58,22 @@ def test_metrics_equal_the_originals_evaluate_invariance(results, fitted, digits
     assert lv["acc1"] == pytest.approx(100 * c1 / N) and lv["acc5"] == pytest.approx(100 * c5 / N)
     assert lv["consistency"] == pytest.approx(100 * cons / N)
     assert lv["loss"] == pytest.approx(math.fsum(loss) / N, rel=1e-5)
+
+
+def test_translation_levels_say_what_moves_and_the_precision(results):
+    """The translation level is the crop window's offset; each level also records how far the
+    content moves (on the shorter side), and the result says it ran in fp32 where the
+    original's evaluation used AMP."""
+    from stm_dist.analysis import plots
+    from stm_dist.analysis.transforms import content_shift
+
+    r = results["translation"]
+    assert r["precision"] == "fp32" and "AMP" in r["precision_note"]
+    assert "offset" in r["level_name"] and "crop margin" in r["level_name"]
+    # 32 px crops of the 36 px resize: a 2 px margin, so the content moves (offset + 2) / 2 past it
+    assert [lv["content_shift_px"] for lv in r["levels"][:4]] == [0, 3, 5, 7]
+    assert all(lv["content_shift_px"] == content_shift(lv["level"], 32, 36) for lv in r["levels"])
+    label = plots.level_label(r)
+    assert "crop-window offset" in label and "jitter strength" not in label
+    assert "fp32" in plots.invariance_title(r) and "AMP" in plots.invariance_title(r)
+    assert "content_shift_px" not in results["post_rotation"]["levels"][0]

@@ -57,15 +57,89 @@ def test_analyses_side_by_side(report, outputs):
     from PIL import Image
 
     data = read_json(report / "report.json")["analyses"]
-    # the paper's mixer order: Swin before ConvNeXt
-    assert [r["model"] for r in data["erf"]] == [SECOND, MODEL]
-    assert [r["model"] for r in data["robustness"]] == [SECOND, MODEL]
-    assert [r["model"] for r in data["invariance"]["translation"]] == [SECOND, MODEL]
+    # one group each (same data, size, images, attack): the paper's mixer order, Swin before ConvNeXt
+    assert [len(data["erf"]), len(data["robustness"]), len(data["invariance"]["translation"])] == [1, 1, 1]
+    assert [r["model"] for r in data["erf"][0]["results"]] == [SECOND, MODEL]
+    assert [r["model"] for r in data["robustness"][0]["results"]] == [SECOND, MODEL]
+    assert [r["model"] for r in data["invariance"]["translation"][0]["results"]] == [SECOND, MODEL]
     ours = read_json(os.path.join(outputs["one"], "erf.json"))
-    assert data["erf"][1]["area_ratio"] == ours["area_ratio"]
+    kept = data["erf"][0]["results"][1]
+    assert kept["area_ratio"] == ours["area_ratio"] and kept["replknet_area_ratio"] == ours["replknet_area_ratio"]
+    # the provenance the report says it keeps: data, checkpoint, seed, attack settings
+    for kind in ("erf", "robustness"):
+        for r in data[kind][0]["results"]:
+            mine = read_json(os.path.join(outputs["root"], r["dir"], f"{kind}.json"))
+            assert r["provenance"] == mine["provenance"] and r["provenance"]["seed"] == 0
+    assert data["robustness"][0]["results"][1]["provenance"]["attack"]["pgd_steps"] == 2
+    settings = data["erf"][0]["settings"]
+    assert settings["img_size"] == 32 and settings["num_images"] == 11
+    assert settings["data"] == ours["provenance"]["data"]["manifest_sha256"]
     md = (report / "report.md").read_text()
     assert "## Analyses of the mixers" in md and "| U-Swin micro |" in md and "| U-ConvNeXt micro |" in md
     for name in ("invariance_translation_compare.png", "erf_compare.png", "robustness_compare.png"):
         pixels = np.asarray(Image.open(report / name).convert("RGB")).reshape(-1, 3)
         assert len(np.unique(pixels, axis=0)) > 10, f"{name} looks blank"
         assert f"]({name})" in md
+
+
+def test_report_labels_the_headline_numbers(report):
+    """Robustness: the per-eps accuracy is the headline, the accumulated one is named; ERF:
+    RepLKNet's statistic beside ours; invariance: the offset axis and fp32."""
+    from PIL import Image
+
+    md = (report / "report.md").read_text()
+    rob = md.split("### Adversarial robustness")[1].split("###")[0]
+    assert "each budget alone" in rob and "accumulated" in rob and "budget <= eps" in rob
+    erf = md.split("### Effective receptive field")[1].split("###")[0]
+    assert "RepLKNet" in erf and "|gradient|" in erf
+    inv = md.split("### Invariance: translation")[1].split("###")[0]
+    assert "crop-window offset" in inv and "fp32" in inv and "AMP" in inv
+    text = Image.open(report / "robustness_compare.png").text["Description"]
+    assert "each budget alone" in text and "accumulated" in text
+    assert "crop-window offset" in Image.open(report / "invariance_translation_compare.png").text["Description"]
+
+
+def _copy_analyses(outputs, dest, edit):
+    """The analyses of `outputs`, copied, with edit(model, name, result) applied to each JSON."""
+    import shutil
+
+    shutil.copytree(outputs["root"], dest)
+    for model in (MODEL, SECOND):
+        for name in ("erf", "robustness", "invariance_translation"):
+            path = dest / model / f"{name}.json"
+            r = read_json(path)
+            edit(model, name, r)
+            path.write_text(json.dumps(r))
+
+
+def test_results_that_are_not_comparable_are_reported_apart(outputs, tmp_path, capsys):
+    """Different image sizes (ERF) or PGD steps (robustness) are never in one table or figure:
+    separate groups, each naming its settings, and a note naming the setting and the files.
+    A different --eps list alone is comparable: the headline is per eps."""
+    from stm_dist.cli.report import main
+
+    def edit(model, name, r):
+        if model == SECOND and name == "erf":
+            r["provenance"]["img_size"] = r["img_size"] = 64
+        if model == SECOND and name == "robustness":
+            r["provenance"]["attack"]["pgd_steps"] = 5
+        if model == MODEL and name == "invariance_translation":
+            r["provenance"]["attack"] = None  # irrelevant to invariance: still one group
+        if model == MODEL and name == "robustness":
+            r["provenance"]["attack"]["eps"] = [0, 4 / 255]
+
+    _copy_analyses(outputs, tmp_path / "analyses", edit)
+    (tmp_path / "runs").mkdir()
+    assert main([str(tmp_path / "runs"), "--analyses", str(tmp_path / "analyses"), "-o", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    note = next(line for line in err.splitlines() if "erf" in line and "not comparable" in line)
+    assert "img_size" in note and f"{SECOND}/erf.json" in note and f"{MODEL}/erf.json" in note
+    assert any("robustness" in line and "pgd_steps" in line for line in err.splitlines())
+    data = read_json(tmp_path / "out" / "report.json")["analyses"]
+    assert sorted(g["settings"]["img_size"] for g in data["erf"]) == [32, 64]
+    assert [[r["model"] for r in g["results"]] for g in data["erf"]] in ([[MODEL], [SECOND]], [[SECOND], [MODEL]])
+    assert sorted(g["settings"]["pgd_steps"] for g in data["robustness"]) == [2, 5]
+    assert len(data["invariance"]["translation"]) == 1
+    assert all(os.path.isfile(tmp_path / "out" / f) for f in ("erf_compare.png", "erf_compare_2.png"))
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert md.count("### Effective receptive field") == 2 and "img_size 64" in md and "img_size 32" in md

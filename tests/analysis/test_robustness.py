@@ -29,12 +29,37 @@ def test_eps_zero_is_clean_and_pgd_never_rises_with_eps(fitted, digits_shards):
     assert r["num_images"] == 24 and r["clean_acc1"] > 30
     by = {(a["attack"], a["eps"]): a for a in r["attacks"]}
     for attack in ("fgsm", "pgd"):
-        assert by[(attack, 0.0)]["acc1"] == by[(attack, 0.0)]["acc1_single"] == r["clean_acc1"]
-    pgd_acc = [by[("pgd", e)]["acc1"] for e in sorted(eps)]
+        assert by[(attack, 0.0)]["acc1"] == by[(attack, 0.0)]["acc1_accumulated"] == r["clean_acc1"]
+    pgd_acc = [by[("pgd", e)]["acc1_accumulated"] for e in sorted(eps)]
     assert all(b <= a for a, b in zip(pgd_acc, pgd_acc[1:])), pgd_acc
     # the attack really attacks: at 16/255 the fitted model loses most of its accuracy
-    assert pgd_acc[-1] < r["clean_acc1"] / 2
-    assert by[("pgd", 16 / 255)]["acc1"] <= by[("pgd", 16 / 255)]["acc1_single"]
+    assert by[("pgd", 16 / 255)]["acc1"] < r["clean_acc1"] / 2
+    assert by[("pgd", 16 / 255)]["acc1_accumulated"] <= by[("pgd", 16 / 255)]["acc1"]
+
+
+def test_headline_is_per_eps_whatever_else_was_run(fitted, digits_shards):
+    """`acc1` at eps is the attack at that eps alone: the same number whichever smaller budgets
+    were run beside it, and equal to counting the attacked images directly. The accumulated
+    number (clean and every budget <= eps) is kept under its own name and does depend on them."""
+    from stm_dist.analysis.robustness import fgsm
+
+    model = Normalized(fitted[0]).requires_grad_(False)
+    eps = 8 / 255
+    short = run_robustness(model, pixels(digits_shards, 12), [0, eps], steps=2)
+    long = run_robustness(model, pixels(digits_shards, 12), [0, 2 / 255, eps], steps=2)
+    at = {name: {(a["attack"], a["eps"]): a for a in r["attacks"]} for name, r in (("short", short), ("long", long))}
+    for attack in ("fgsm", "pgd"):
+        assert at["short"][(attack, eps)]["acc1"] == at["long"][(attack, eps)]["acc1"]
+        assert at["long"][(attack, eps)]["acc1_accumulated"] <= at["short"][(attack, eps)]["acc1_accumulated"]
+    correct = 0
+    for _, _, x, y in pixels(digits_shards, 12):
+        adv = fgsm(model, x, y, eps)
+        with torch.no_grad():
+            correct += int((model(adv).argmax(1) == y).sum())
+    assert at["long"][("fgsm", eps)]["acc1"] == pytest.approx(100 * correct / 12)
+    assert "acc1_single" not in at["long"][("fgsm", eps)]
+    assert "budget <= eps" in long["definitions"]["acc1_accumulated"]
+    assert "alone" in long["definitions"]["acc1"]
 
 
 def test_pgd_stays_in_the_ball_and_the_pixel_range_and_is_seeded(fitted, digits_shards):

@@ -8,7 +8,7 @@ from conftest import real_images
 from torchvision import transforms
 from torchvision.transforms.functional import rotate
 
-from stm_dist.analysis.transforms import InvarianceViews, direction, levels
+from stm_dist.analysis.transforms import InvarianceViews, content_shift, direction, jitter_crop, levels
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # timm IMAGENET_DEFAULT_MEAN / STD
 BICUBIC = transforms.InterpolationMode.BICUBIC
@@ -124,3 +124,29 @@ def test_directions_are_seeded_per_image_and_cover_all_eight():
     counts = np.bincount(drawn, minlength=8)
     assert counts.min() > 25
     assert drawn != [direction(1, i, 8) for i in range(400)]  # the seed matters
+
+
+@pytest.mark.parametrize("img_size,resize_to", [(224, 256), (32, 36), (33, 37)])
+def test_content_shift_is_what_the_jitter_view_shows(img_size, resize_to):
+    """The level is the crop window's offset; past the crop margin the window is cut at the
+    border and re-centred by the padding, so the content moves less: a 64 px offset at 224 px
+    (256 px side, 16 px margin) moves it 40 px. content_shift is measured here on a marker."""
+    if img_size == 224:
+        assert [content_shift(o, 224, 256) for o in (0, 8, 16, 20, 64)] == [0, 8, 16, 18, 40]
+    image = torch.zeros(1, resize_to, resize_to)
+    top = int(round((resize_to - img_size) / 2.0))
+    for offset in levels("translation"):
+        shift = content_shift(offset, img_size, resize_to)
+        if shift is None:  # the window left the image: nothing of it is shown
+            assert offset >= resize_to - top
+            continue
+        for mode, (dy, dx) in ((0, (1, 0)), (1, (0, 1))):  # down, right
+            # a marker inside the window at this offset, near its centre
+            y = min(max(top + offset * dy + img_size // 2, 0), resize_to - 1)
+            x = min(max(top + offset * dx + img_size // 2, 0), resize_to - 1)
+            marked = image.clone()
+            marked[0, y, x] = 1.0
+            view = jitter_crop(marked, img_size, offset, mode)
+            (vy,), (vx,) = torch.nonzero(view[0], as_tuple=True)
+            standard = (y - top, x - top)  # where the standard crop shows it
+            assert (standard[0] - int(vy), standard[1] - int(vx)) == (shift * dy, shift * dx), (offset, mode)
