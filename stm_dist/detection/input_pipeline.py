@@ -53,7 +53,10 @@ class DetSamples:
         jpg = self.reader.read(f, int(t.jpg_off[i]), int(t.jpg_size[i]))
         where = f"{t.tars[f]} sample {self.key(i)!r}"
         meta = parse_meta(self.reader.read(f, int(t.cls_off[i]), int(t.cls_size[i])), where)
-        w, h = jpeg_size(jpg)
+        try:
+            w, h = jpeg_size(jpg)
+        except Exception as e:  # PIL's header parser: UnidentifiedImageError, OSError, ...
+            raise SampleError(f"{where}: the .jpg member is not a readable image ({e})") from None
         if (w, h) != (meta["width"], meta["height"]):
             raise SampleError(f"{where}: the JPEG is {w}x{h} but its .json says {meta['width']}x{meta['height']}")
         return jpg, meta
@@ -85,6 +88,9 @@ class TargetQueue:
 
     def push(self, indices, targets):
         self._q.append((np.asarray(indices, np.int64), targets))
+
+    def pending_keys(self) -> list[str]:
+        return [t["key"] for _, targets in self._q for t in targets]
 
     def pop(self, indices) -> list:
         if not self._q:

@@ -27,6 +27,8 @@ Labels are contiguous: 1 + position of the COCO category id in the manifest's ``
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from stm_dist.data.dali_loader import _dali_device
@@ -34,7 +36,7 @@ from stm_dist.data.epoch_plan import EpochPlan, SampleTable, slice_bounds
 from stm_dist.data.manifest import ShardError, read_manifest, shard_files
 from stm_dist.data.plan_loader import PlanTrainLoader
 from stm_dist.data.plan_source import TarReader, jpeg_size
-from stm_dist.detection.transforms import MMDET_SCALE, check_scales, target_to
+from stm_dist.detection.transforms import MMDET_SCALE, SampleError, check_scales, target_to
 
 __all__ = ["build_det_train_loader", "build_det_val_loader", "DetTrainLoader", "DetValLoader"]
 
@@ -73,6 +75,19 @@ def _dali_iterator(pipe):
                                last_batch_policy=LastBatchPolicy.PARTIAL)
 
 
+@contextlib.contextmanager
+def _naming_samples(queue):
+    """DALI's decode errors name no sample (`Failed to decode sample #2`): name the batches in
+    flight (the iterator runs the first ones when it is made, the later ones at each next())."""
+    try:
+        yield
+    except SampleError:  # raised by our own source, already naming its sample
+        raise
+    except (RuntimeError, ValueError) as e:
+        raise RuntimeError(f"the DALI pipeline failed on a batch of samples among {queue.pending_keys()} "
+                           f"(a damaged JPEG? `stm-shards verify --full` checks every one): {e}") from e
+
+
 def _build_pipe(source, loader):
     from stm_dist.detection.input_pipeline import det_pipeline
 
@@ -80,11 +95,13 @@ def _build_pipe(source, loader):
                         batch_size=loader.batch_size, num_threads=loader.num_threads, device_id=loader._device_id,
                         seed=0)
     pipe.build()
-    return _dali_iterator(pipe)
+    with _naming_samples(source.queue):
+        return _dali_iterator(pipe)
 
 
 def _take(it, queue, device):
-    out = next(it)[0]
+    with _naming_samples(queue):
+        out = next(it)[0]
     targets = queue.pop(out["indices"].cpu().numpy())
     images = out["images"]
     if device != "cpu":

@@ -67,13 +67,15 @@ def make_sample(rng: np.random.Generator, image_id: int, width: int, height: int
     return buf.getvalue(), meta
 
 
-def write_split(out: str, split: str, n: int, seed: int = 0, per_shard: int = 7) -> dict:
+def write_split(out: str, split: str, n: int, seed: int = 0, per_shard: int = 7, truncate=()) -> dict:
     """``n`` samples (sizes cycling through the landscape and portrait lists) in shards of
-    ``per_shard``; returns the manifest (also written to ``out/split.json``)."""
+    ``per_shard``, the JPEGs of the sample numbers in ``truncate`` cut to half (damaged data
+    that `stm-shards create` would have refused); returns the manifest (also at out/split.json)."""
     os.makedirs(out, exist_ok=True)
     rng = np.random.default_rng(seed)
     sizes = LANDSCAPE + PORTRAIT
     samples = [make_sample(rng, 1000 * (seed + 1) + k, *sizes[k % len(sizes)]) for k in range(n)]
+    samples = [(jpg[: len(jpg) // 2] if k in truncate else jpg, meta) for k, (jpg, meta) in enumerate(samples)]
     shards, images = [], []
     for s, lo in enumerate(range(0, n, per_shard)):
         name = f"{split}-{s:06d}"

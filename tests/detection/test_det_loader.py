@@ -211,7 +211,12 @@ def test_aspect_groups_and_plan():
 def test_global_batches_one_aspect_group(demo):
     loader = train(demo, batch_size=2, accum=2)
     assert len(loader) == sum(n // 4 for n in np.bincount(loader.groups))
-    for step in run_steps(loader, 2 * len(loader)):
+    micro = list(loader)  # iterating gives the epoch's micro-batches (the engine's other way in)
+    assert len(micro) == 2 * len(loader)
+    loader.set_epoch(1)
+    steps = [micro[k : k + 2] for k in range(0, len(micro), 2)] + run_steps(loader, len(loader))
+    assert loader.last_step == (1, len(loader) - 1)
+    for step in steps:
         sides = [t["image_size"] for _, targets in step for t in targets]
         assert len({h > w for h, w in sides}) == 1, sides
 
@@ -259,6 +264,12 @@ def test_val_ranks_partition_the_split(demo):
     every = [i for r in range(3) for i in ids[r]]
     with open(os.path.join(demo, "val_annotations.json")) as f:
         assert sorted(every) == sorted(im["id"] for im in json.load(f)["images"])
+
+
+def test_damaged_jpeg_names_the_samples(tmp_path):
+    write_split(str(tmp_path), "val", 4, seed=9, truncate=(2,))
+    with pytest.raises(RuntimeError, match=r"DALI pipeline failed on a batch of samples among \[.*'s10002'"):
+        list(build_det_val_loader(str(tmp_path), 4, scale=(96, 64), num_threads=1))
 
 
 def test_unknown_category_names_the_sample(drawn, tmp_path):
