@@ -14,11 +14,11 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.roi_heads import paste_masks_in_image
-from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
 from .rcnn_parts import (
     FixedScaleRoIAlign,
+    Fp32RPNHead,
     L1RegionProposalNetwork,
     MmdetAnchorGenerator,
     MmdetMatcher,
@@ -169,7 +169,7 @@ def build_detector(backbone, num_classes, *, fpn_channels=None, head="full", mmd
     )
     rpn = L1RegionProposalNetwork(
         anchors,
-        RPNHead(c, len(cfg.anchor_ratios)),
+        Fp32RPNHead(c, len(cfg.anchor_ratios)),
         cfg.rpn_pos_iou,
         cfg.rpn_neg_iou,
         cfg.rpn_batch,

@@ -9,8 +9,25 @@ from torch import nn
 from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_inference
-from torchvision.models.detection.rpn import RegionProposalNetwork
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.ops import MultiScaleRoIAlign, roi_align
+
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def full_precision(t):
+    """Head outputs leave autocast in float32, as mmdet's @force_fp32 heads: box coordinates of a
+    1333-px image in bfloat16 are 4-8 px apart, and torchvision's BoxCoder decodes in the deltas' dtype."""
+    return t.float() if t.dtype in LOW_PRECISION else t
+
+
+class Fp32RPNHead(RPNHead):
+    """torchvision's RPNHead whose objectness and deltas come out in float32 under autocast."""
+
+    def forward(self, x):
+        logits, deltas = super().forward(x)
+        return [full_precision(t) for t in logits], [full_precision(t) for t in deltas]
 
 
 class MmdetAnchorGenerator(AnchorGenerator):
@@ -37,6 +54,8 @@ class MmdetAnchorGenerator(AnchorGenerator):
             raise ValueError(f"{len(feature_maps)} feature maps for {len(self.strides)} anchor strides")
         grid_sizes = [fm.shape[-2:] for fm in feature_maps]
         dtype, device = feature_maps[0].dtype, feature_maps[0].device
+        if dtype in LOW_PRECISION:  # anchors of autocast maps stay float32 (see full_precision)
+            dtype = torch.float32
         strides = [[torch.tensor(s, device=device), torch.tensor(s, device=device)] for s in self.strides]
         self.set_cell_anchors(dtype, device)
         per_level = self.grid_anchors(grid_sizes, strides)
@@ -130,7 +149,7 @@ class MmdetRoIHeads(RoIHeads):
 
     def _mask_logits(self, features, boxes, image_shapes):
         feats = self.mask_roi_pool(features, boxes, image_shapes)
-        return self.mask_predictor(self.mask_head(feats))
+        return full_precision(self.mask_predictor(self.mask_head(feats)))
 
     def _mask_targets(self, gt_masks, boxes, matched_idxs):
         rois = torch.cat([matched_idxs[:, None].to(boxes), boxes], dim=1)
@@ -144,7 +163,7 @@ class MmdetRoIHeads(RoIHeads):
                 raise ValueError("training needs targets (boxes, labels, masks per image)")
             proposals, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
         box_feats = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
-        class_logits, box_regression = self.box_predictor(box_feats)
+        class_logits, box_regression = (full_precision(t) for t in self.box_predictor(box_feats))
         if not self.training:
             boxes, scores, labels = self.postprocess_detections(class_logits, box_regression, proposals, image_shapes)
             probs = maskrcnn_inference(self._mask_logits(features, boxes, image_shapes), labels)

@@ -181,3 +181,23 @@ def test_batch_without_objects_still_reaches_every_parameter(model, images):
     assert float(losses["loss_box_reg"]) == 0 and float(losses["loss_mask"]) == 0
     sum(losses.values()).backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_bf16_autocast_keeps_boxes_in_float32(model, images):
+    """Under bf16 autocast (the engine's bf16 mode) the heads' outputs, anchors, proposals and boxes stay
+    float32, as mmdet's @force_fp32 heads: bf16 coordinates of a large image are 4-8 px apart."""
+    model.eval()
+    model.roi_heads.score_thresh = 0.0  # detections whatever the earlier tests trained
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            outs = model(images, [{"image_size": t["image_size"]} for t in _targets()])
+    finally:
+        model.roi_heads.score_thresh = 0.05
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        feats = model.neck({str(i): f for i, f in enumerate(model.backbone(images))})
+        anchors = model.rpn.anchor_generator(ImageList(images, [(128, 160)] * 2), list(feats.values()))
+    assert feats["0"].dtype == torch.bfloat16 and anchors[0].dtype == torch.float32
+    for out in outs:
+        assert out["boxes"].dtype == out["scores"].dtype == out["masks"].dtype == torch.float32
+    boxes = torch.cat([o["boxes"] for o in outs])
+    assert boxes.numel() and (boxes != boxes.bfloat16().float()).any()  # not rounded to bf16 anywhere
