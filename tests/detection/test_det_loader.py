@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from det_loader_shards import write_split
 from data_tools.cli import main as shards_main
 from stm_dist.data.epoch_plan import EpochPlan
 from stm_dist.detection.loader import build_det_train_loader, build_det_val_loader
 from stm_dist.detection.transforms import MULTI_SCALE_3X, SampleError, full_mask, rescale_size
+from tests.detection.det_loader_shards import write_split
 
 pytestmark = pytest.mark.filterwarnings(  # pycocotools 2.0.11's decode under numpy 2
     "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
@@ -116,7 +116,8 @@ def test_flip_mirrors_boxes_masks_and_pixels(drawn):
                 w = x["image_size"][1]
                 torch.testing.assert_close(a.flip(-1), b, atol=1e-4, rtol=0)
                 assert torch.equal(x["masks"].flip(-1), y["masks"])
-                mirror = torch.stack([w - x["boxes"][:, 2], x["boxes"][:, 1], w - x["boxes"][:, 0], x["boxes"][:, 3]], 1)
+                x1, y1, x2, y2 = x["boxes"].unbind(1)
+                mirror = torch.stack([w - x2, y1, w - x1, y2], 1)
                 torch.testing.assert_close(mirror, y["boxes"], atol=1e-4, rtol=0)
 
 
