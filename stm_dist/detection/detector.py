@@ -164,9 +164,8 @@ def build_detector(backbone, num_classes, *, fpn_channels=None, head="full", mmd
     c = cfg.fpn_channels
 
     neck = FeaturePyramidNetwork(in_channels, c, extra_blocks=LastLevelMaxPool())
-    anchors = MmdetAnchorGenerator(
-        tuple((cfg.anchor_scale * s,) for s in ANCHOR_STRIDES), (cfg.anchor_ratios,) * len(ANCHOR_STRIDES), ANCHOR_STRIDES
-    )
+    sizes = tuple((cfg.anchor_scale * s,) for s in ANCHOR_STRIDES)  # one anchor size per level: 32 .. 512
+    anchors = MmdetAnchorGenerator(sizes, (cfg.anchor_ratios,) * len(ANCHOR_STRIDES), ANCHOR_STRIDES)
     rpn = L1RegionProposalNetwork(
         anchors,
         Fp32RPNHead(c, len(cfg.anchor_ratios)),

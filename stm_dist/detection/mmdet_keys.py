@@ -148,8 +148,10 @@ def load_mmdet_detector(model, path_or_state_dict, log=print):
     and num_classes, normally with mmdet_compat=True). Strict: every tensor of ours comes from the file
     (except buffers the backbone rebuilds, DERIVED_BUFFERS, when the file lacks them) and every tensor of
     the file is used, with matching shapes; otherwise a ValueError names the file and the keys."""
-    source = path_or_state_dict if isinstance(path_or_state_dict, (str, bytes)) or hasattr(path_or_state_dict, "__fspath__") else "state dict"
-    sd = read_mmdet_checkpoint(path_or_state_dict) if source != "state dict" else path_or_state_dict
+    if isinstance(path_or_state_dict, dict):
+        source, sd = "state dict", path_or_state_dict
+    else:
+        source, sd = path_or_state_dict, read_mmdet_checkpoint(path_or_state_dict)
     ours = mmdet_to_ours(sd, source=str(source))
     own = model.state_dict()
     missing = [k for k in own if k not in ours and not k.endswith(DERIVED_BUFFERS)]
