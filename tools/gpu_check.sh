@@ -1,24 +1,34 @@
 #!/usr/bin/env bash
-# The prepared check for a session lent one GPU (issue 10, item 7). On the device machine, in the
+# The prepared check for a session lent one GPU (issues 10 and 23). On the device machine, in the
 # repo root, with the bundle from `make gpu-bundle` carried along:
 #     run(command="bash tools/gpu_check.sh", carry=["gpu_bundle"], timeout_s=540)
-# Here, on a CPU box (no nvcc build, no bundle install, the local .venv, micro sizes):
+# Here, on a CPU box (no nvcc build, no install, the local .venv, micro sizes, pytest --collect-only):
 #     bash tools/gpu_check.sh --dry-run [--out DIR]
 #
-# Phases, each under `timeout`, each logging to its own file, none able to lose another's results:
-#   a env.log     nvidia-smi, torch/CUDA/nvcc versions
-#   b build.log   stm_dist._C rebuilt against the machine's torch for sm_90   } run side by side:
-#   c bundle.log  DeepSpeed + deps installed offline, FusedAdam JIT-built     } both CPU-bound
-#   d tests.log   GPU-marked tests and the op's argument checks (the crash seen on the GPU)
-#   e bench.log   stm_dist.bench.gpu_train -> gpu_train.json (rewritten after every model)
-#   d tests.log   the rest of tests/ops, with whatever time is left
-#   f gpu_check.md / gpu_check.json: phase table + benchmark table (also printed last)
-# That is 8 files: the device tool returns at most 8 from $OUT, so scratch goes to $WORK.
-# The whole stays inside GPU_CHECK_TOTAL_S (default 470 s, 8 minutes with margin).
-# GPU_CHECK_PHASES=env,bench (say) runs only those; the others show as "not selected".
-# GPU_CHECK_BENCH_ARGS is appended to the benchmark's arguments (e.g. "--models unified_swin_tiny").
+# Phases, in order; each under `timeout`, started only while its minimum fits in what is left of
+# GPU_CHECK_TOTAL_S (default 470 s), else reported as skipped with the reason:
+#   env            the card and its arch (-> TORCH_CUDA_ARCH_LIST for every later phase), torch, nvcc
+#   build_C        stm_dist._C for that arch: setup.py build_ext --inplace (no pip)   } side by side
+#   bundle         DeepSpeed from gpu_bundle/, offline (the only pip install); FusedAdam JIT }
+#   tests_gpu      the CUDA op tests (fp32/fp16/bf16 vs the CPU kernel, autocast vs the reference),
+#                  the cubin check, the op's argument checks
+#   tests_ops      the rest of tests/ops (CPU), beside tests_gpu, stopped when the bench starts
+#   bench          eager pairs (plain AMP loop vs engine): DCNv3, ConvNeXt, Swin, PVT, Halo tiny
+#   zero3          one bf16 step of unified_dcn_v3_tiny under ZeRO 3 (ds_configs/zero3_bf16.json)
+#   bench_compile  engine_compile cases (ConvNeXt, Swin first) with the time left
+#   compile_zero3  tests/engine/test_compile_zero3.py, only if ~150 s are left
+# tests_ops, bench_compile and compile_zero3 are "soft": cut short for time, they still pass when
+# nothing in them failed. Exit 0 when every phase that ran passed.
+# Files in $OUT (the device tool brings back at most 8): gpu_check.md + gpu_check.json (the report,
+# rewritten at every phase start and end: a kill at any moment leaves one naming the phases done,
+# the one running and those not reached), gpu_check.log (all output, lines prefixed [phase]),
+# gpu_train.json + gpu_train.md (rewritten at every number measured), zero3.json.
+# GPU_CHECK_PHASES=env,bench (say) runs only those; GPU_CHECK_BENCH_ARGS is added to the bench
+# phases; GPU_CHECK_WORK holds the scratch (default: a new /tmp folder); GPU_CHECK_KILL_AT=
+# PHASE:start|end kills the whole run there (tests/test_gpu_check.py; run it in its own session).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
+ROOT=$PWD
 
 DRY=0
 OUT_DIR="${OUT:-}"
@@ -26,7 +36,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;
     --out) OUT_DIR="${2:?--out needs a folder}"; shift ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument '$1' (use --dry-run, --out DIR)"; exit 2 ;;
   esac
   shift
@@ -36,153 +46,209 @@ if [ -z "$OUT_DIR" ]; then
 fi
 mkdir -p "$OUT_DIR" && OUT_DIR="$(cd "$OUT_DIR" && pwd)"
 WORK="${GPU_CHECK_WORK:-$(mktemp -d /tmp/gpu_check.XXXXXX)}"
-mkdir -p "$WORK"
+mkdir -p "$WORK" && WORK="$(cd "$WORK" && pwd)"
+rm -f "$WORK"/pid.* "$WORK"/lane.* "$WORK"/stop.* "$WORK/arch"
 TOTAL="${GPU_CHECK_TOTAL_S:-470}"
 T0=$(date +%s)
-PHASES="$WORK/phases.tsv"
-: > "$PHASES"
+PLAN=env,build_C,bundle,tests_gpu,tests_ops,bench,zero3,bench_compile,compile_zero3
+EVENTS="$WORK/events.tsv"
+LOG="$OUT_DIR/gpu_check.log"
+: > "$EVENTS"; : > "$LOG"
+# A rerun into the same folder must not report an earlier run's numbers.
+rm -f "$OUT_DIR"/gpu_check.md "$OUT_DIR"/gpu_check.json "$OUT_DIR"/gpu_train.json "$OUT_DIR"/gpu_train.md "$OUT_DIR"/zero3.json
 
-export PYTHONUNBUFFERED=1
-# Caches out of $OUT (8-file limit) and out of $HOME; one folder so the JIT build in phase c is
-# the one the benchmark loads.
-export TORCH_EXTENSIONS_DIR="$WORK/torch_extensions"
-export TORCHINDUCTOR_CACHE_DIR="$WORK/inductor"
-if [ $DRY = 1 ]; then
-  PY="${GPU_CHECK_PY:-$PWD/.venv/bin/python}"
-  # Keep the venv's ninja first (PLATFORM.md: mixing ninjas rebuilds DeepSpeed ops every run).
-  export PATH="$(dirname "$PY"):$PATH" OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-else
-  PY="${GPU_CHECK_PY:-python3}"
-  export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
-  # The image defaults to 9.0a; plain sm_90 is what the wheel users' cards run (PLATFORM.md).
-  export TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16
-  # Nothing outside that machine answers: a pip that tries (self-update check, an index) would
-  # sit in its retries until the phase's limit.
-  export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
+if [ $DRY = 1 ]; then PY="${GPU_CHECK_PY:-$ROOT/.venv/bin/python}"; else PY="${GPU_CHECK_PY:-python3}"; fi
+PY="$(command -v "$PY")" || { echo "gpu_check.sh: no python at '${GPU_CHECK_PY:-python3}'"; exit 2; }
+# Its bin first: its ninja builds the ops (PLATFORM.md: mixing two ninjas rebuilds every run).
+# PYTHONPATH: _C is built in place, nothing installs stm_dist; workers started by path need it.
+export PATH="$(dirname "$PY"):$PATH" PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export PY WORK OUT_DIR DRY ROOT
+export TORCH_EXTENSIONS_DIR="$WORK/torch_extensions"  # bundle's FusedAdam build is the one the bench loads
+[ $DRY = 1 ] && export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+
+# CUDA_HOME from the nvcc that is there: $CUDA_HOME if it holds one, else nvcc on PATH, else the
+# usual folders and pip's nvidia-*-nvcc. nvcc may be a wrapper script (/usr/local/bin/nvcc here
+# execs /usr/local/cuda-13.0/bin/nvcc): its --dryrun names the folder it really runs from.
+cuda_home() {
+  local nvcc here c
+  if [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/nvcc" ]; then echo "$CUDA_HOME"; return 0; fi
+  nvcc=$(command -v nvcc 2>/dev/null) || nvcc=""
+  if [ -z "$nvcc" ]; then
+    for c in /usr/local/cuda/bin/nvcc /usr/local/cuda-*/bin/nvcc $("$PY" -c 'import glob, site
+for d in site.getsitepackages(): print(*sorted(glob.glob(d + "/nvidia/*/bin/nvcc")))' 2>/dev/null); do
+      [ -x "$c" ] && { nvcc=$c; break; }
+    done
+  fi
+  [ -n "$nvcc" ] || return 1
+  : > "$WORK/probe.cu"
+  here=$("$nvcc" --dryrun -c "$WORK/probe.cu" -o "$WORK/probe.o" 2>&1 | sed -n 's/^#\$ _HERE_=//p' | head -1)
+  [ -d "$here" ] || here=$(dirname "$(readlink -f "$nvcc")")
+  (cd "$here/.." && pwd)
+}
+FOUND_CUDA_HOME=$(cuda_home) || FOUND_CUDA_HOME=""
+if [ $DRY = 0 ] && [ -n "$FOUND_CUDA_HOME" ]; then
+  export CUDA_HOME="$FOUND_CUDA_HOME" PATH="$FOUND_CUDA_HOME/bin:$PATH"
 fi
-[ -x "$(command -v "$PY")" ] || { echo "gpu_check.sh: no python at '$PY'"; exit 2; }
+export FOUND_CUDA_HOME MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+if [ $DRY = 0 ]; then
+  # Nothing outside that machine answers: a pip that tries would sit in its retries.
+  export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
+fi
 
 left() { echo $(( TOTAL - ($(date +%s) - T0) )); }
+min() { [ "$1" -lt "$2" ] && echo "$1" || echo "$2"; }
+need() { [ $DRY = 1 ] && echo 3 || echo "$1"; }  # a phase's minimum on the GPU (the dry run: any)
+event() {  # NAME EVENT RC SECONDS SOFT NOTE
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" $(( $(date +%s) - T0 )) "$3" "$4" "$5" "$6" >> "$EVENTS"
+}
+report() {
+  local lock=()
+  command -v flock >/dev/null && lock=(flock "$WORK/report.lock")
+  "${lock[@]}" "$PY" -S "$ROOT/tools/gpu_check_report.py" --events "$EVENTS" --out "$OUT_DIR" --plan "$PLAN" \
+    --t0 "$T0" --total "$TOTAL" $([ $DRY = 1 ] && echo --dry) "$@"
+}
+ended() {  # NAME: its exit status, or "none" when it did not run to an end
+  awk -F'\t' -v n="$1" '$1 == n && $2 == "end" { rc = $4 } END { print (rc == "" ? "none" : rc) }' "$EVENTS"
+}
+kill_all() {  # what the device tool's limit does: everything at once (this shell last)
+  local f p
+  for f in "$WORK"/pid.*; do [ -s "$f" ] && kill -KILL -- "-$(cat "$f")" 2>/dev/null; done
+  for p in $(cat "$WORK"/lane.* 2>/dev/null) $$; do [ "$p" = "$BASHPID" ] || kill -KILL "$p" 2>/dev/null; done
+  kill -KILL $BASHPID
+}
+hook() { [ "${GPU_CHECK_KILL_AT:-}" = "$1:$2" ] && { echo "[$1] GPU_CHECK_KILL_AT=$1:$2: killing the run" >> "$LOG"; kill_all; }; return 0; }
 
-# phase NAME LOG LIMIT_S COMMAND: run COMMAND under timeout, append its output to LOG, record
-# name / exit status / seconds. Exit 124 or 137 in the table means it hit its limit.
+# phase NAME NEED LIMIT SOFT CMD: CMD (bash) under timeout, its output into the log prefixed
+# [NAME]. At the limit pytest gets SIGINT (it prints its summary), everything KILL 15 s later.
 phase() {
-  local name=$1 log=$2 limit=$3 cmd=$4 start rc
-  start=$(date +%s)
+  local name=$1 need=$2 limit=$3 soft=$4 cmd=$5 start rc note=""
   if [ -n "${GPU_CHECK_PHASES:-}" ] && ! [[ ",$GPU_CHECK_PHASES," == *",$name,"* ]]; then
-    echo "== $name: not run (GPU_CHECK_PHASES=$GPU_CHECK_PHASES)" | tee -a "$OUT_DIR/$log"
-    printf '%s\t%s\t%s\t%s\n' "$name" "not selected" 0 "$log" >> "$PHASES"
-    return 0
+    event "$name" unselected 0 0 "$soft" "GPU_CHECK_PHASES=$GPU_CHECK_PHASES"; report; hook "$name" end; return 0
   fi
-  if [ "$limit" -lt 5 ]; then
-    echo "== $name: not started, ${limit}s left of the ${TOTAL}s budget" | tee -a "$OUT_DIR/$log"
-    printf '%s\t%s\t%s\t%s\n' "$name" "skipped" 0 "$log" >> "$PHASES"
-    return 0
+  if [ -n "${SKIP_WHY:-}" ] || [ -e "$WORK/stop.$name" ] || [ "$limit" -lt "$need" ]; then
+    note="${limit}s left of the ${TOTAL}s budget, it needs ~${need}s"
+    [ -e "$WORK/stop.$name" ] && note="the benchmark started first"
+    [ -n "${SKIP_WHY:-}" ] && note="$SKIP_WHY"
+    echo "[$name] skipped: $note" >> "$LOG"
+    event "$name" skip 0 0 "$soft" "$note"; report; hook "$name" end; return 0
   fi
-  echo "== $name (limit ${limit}s): $cmd" >> "$OUT_DIR/$log"
-  timeout -k 10 "$limit" bash -c "$cmd" >> "$OUT_DIR/$log" 2>&1
-  rc=$?
-  printf '%s\t%s\t%s\t%s\n' "$name" "$rc" $(( $(date +%s) - start )) "$log" >> "$PHASES"
-  echo "== $name: exit $rc after $(( $(date +%s) - start ))s (log $log)" | tee -a "$OUT_DIR/$log"
+  event "$name" start 0 0 "$soft" ""; report; hook "$name" start
+  printf '[%s] == limit %ss%s: %s\n' "$name" "$limit" "$([ "$soft" = 1 ] && echo ', soft')" "$(printf '%s' "$cmd" | tr -s ' \n' ' ' | head -c 400)" >> "$LOG"
+  start=$(date +%s)
+  { TORCHINDUCTOR_CACHE_DIR="$WORK/inductor/$name" timeout -s INT -k 15 "$limit" bash -c "$cmd" 2>&1 &
+    echo $! > "$WORK/pid.$name"; wait $!; } | sed -u "s/^/[$name] /" >> "$LOG"
+  rc=${PIPESTATUS[0]}
+  rm -f "$WORK/pid.$name"
+  [ -e "$WORK/stop.$name" ] && [ "$rc" != 0 ] && note=stopped
+  echo "[$name] == exit $rc after $(( $(date +%s) - start ))s${note:+ ($note)}" >> "$LOG"
+  event "$name" end "$rc" $(( $(date +%s) - start )) "$soft" "$note"; report; hook "$name" end
+}
+stop_phase() {  # NAME LANE_PID: SIGINT to a running phase (pytest prints its summary), KILL after 20 s
+  local i
+  touch "$WORK/stop.$1"
+  [ -s "$WORK/pid.$1" ] && kill -INT "$(cat "$WORK/pid.$1")" 2>/dev/null
+  for i in $(seq 20); do kill -0 "$2" 2>/dev/null || return 0; sleep 1; done
+  [ -s "$WORK/pid.$1" ] && kill -KILL -- "-$(cat "$WORK/pid.$1")" 2>/dev/null
 }
 
-# ---- a: the machine ------------------------------------------------------------------------
-phase env env.log 30 "
-  date -u; uname -m; nproc
-  nvidia-smi -L || echo 'no nvidia-smi / no GPU'
-  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv || true
-  (command -v nvcc >/dev/null && nvcc --version | tail -2) || echo 'no nvcc on PATH'
-  echo \"TORCH_CUDA_ARCH_LIST=\${TORCH_CUDA_ARCH_LIST:-unset}\"
-  '$PY' -c 'import sys, torch; print(sys.version.split()[0], torch.__version__, \"cuda\", torch.version.cuda, \"available\", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else \"\")'
-  [ $DRY = 1 ] || '$PY' -m pip list 2>/dev/null | grep -i -E '^(torch|deepspeed|pydantic|hjson|setuptools|ninja|typing.extensions|timm) ' || true
-"
+# ---- env ---------------------------------------------------------------------------------
+export ENV_PY='import sys, torch
+print("python", sys.version.split()[0], "torch", torch.__version__, "CUDA", torch.version.cuda)
+if torch.cuda.is_available():
+    cap = torch.cuda.get_device_capability(0)
+    print(f"card: {torch.cuda.get_device_name(0)}, sm_{cap[0]}{cap[1]}, torch {torch.__version__}, CUDA {torch.version.cuda}")
+    open(sys.argv[1], "w").write(f"{cap[0]}.{cap[1]}")
+else:
+    print(f"card: none visible to torch {torch.__version__}")'
+phase env "$(need 10)" 60 0 '
+  date -u; uname -m; echo "cores: $(nproc)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader || echo "no nvidia-smi / no GPU"
+  echo "CUDA_HOME: ${FOUND_CUDA_HOME:-no nvcc found}$([ "$DRY" = 1 ] && echo " (dry run: found, not used)")"
+  [ -n "$FOUND_CUDA_HOME" ] && "$FOUND_CUDA_HOME/bin/nvcc" --version | tail -2
+  "$PY" -c "$ENV_PY" "$WORK/arch"'
+# The card's own arch for _C, the FusedAdam JIT and the cubin test alike.
+if [ $DRY = 0 ] && [ -s "$WORK/arch" ]; then export TORCH_CUDA_ARCH_LIST="$(cat "$WORK/arch")"; fi
+echo "[env] TORCH_CUDA_ARCH_LIST: ${TORCH_CUDA_ARCH_LIST:-unset (no card read: the setup.py default)}" >> "$LOG"
 
-# ---- b + c, side by side -------------------------------------------------------------------
-CHECK_C="'$PY' -c 'import stm_dist.ops as o; import torch; print(\"_C loaded:\", o.extension_available(), \"CPU kernel:\", o.kernel_available(\"ms_deform_attn\", \"CPU\"), \"CUDA kernel:\", o.kernel_available(\"ms_deform_attn\", \"CUDA\"), \"torch\", torch.__version__)'"
+# ---- build_C and bundle, side by side ------------------------------------------------------
+export CHECK_C='import stm_dist.ops as o
+print("_C loaded:", o.extension_available(), "CPU kernel:", o.kernel_available("ms_deform_attn", "CPU"),
+      "CUDA kernel:", o.kernel_available("ms_deform_attn", "CUDA"))'
+export FUSED_ADAM='import time; t = time.time()
+from deepspeed.accelerator import get_accelerator
+get_accelerator().create_op_builder("FusedAdamBuilder").load()
+print("FusedAdam JIT build+load: %.1fs" % (time.time() - t))'
 if [ $DRY = 1 ]; then
-  BUILD="echo 'dry run: no nvcc build; the local _C:'; $CHECK_C"
-  BUNDLE="if [ -f gpu_bundle/MANIFEST.txt ]; then (cd gpu_bundle && sha256sum -c --quiet MANIFEST.txt && echo 'bundle checksums ok:' && ls); else echo 'no gpu_bundle/ (make gpu-bundle): the GPU run would stop here'; fi
-    echo 'dry run: no offline install; DeepSpeed from the venv, FusedAdam through the accelerator:'"
+  BUILD='echo "dry run: no build; on the GPU: STM_DIST_CUDA=1 $PY setup.py build_ext --inplace"; "$PY" -c "$CHECK_C"'
+  BUNDLE='if [ -f gpu_bundle/MANIFEST.txt ]; then (cd gpu_bundle && sha256sum -c --quiet MANIFEST.txt) && echo "bundle checksums ok"
+    else echo "no gpu_bundle/ (make gpu-bundle): the GPU run would fail here"; fi
+    echo "dry run: no install; DeepSpeed from the venv"; "$PY" -c "$FUSED_ADAM"'
 else
-  # No leftovers from the CPU box: a _C built for another torch can crash instead of raising.
-  BUILD="rm -rf build stm_dist/_C*.so; T=\$(date +%s)
-    STM_DIST_CUDA=1 '$PY' -m pip install --no-build-isolation --no-deps -e . && echo \"_C build: \$(( \$(date +%s) - T ))s\" && $CHECK_C"
-  BUNDLE="set -e; test -f gpu_bundle/MANIFEST.txt || { echo 'gpu_bundle/ missing: run make gpu-bundle here and carry [\"gpu_bundle\"]'; exit 3; }
+  # No leftovers from the CPU box (a _C built for another torch can crash instead of raising).
+  # build_ext, not pip: the bundle's pip install runs meanwhile and must be the only one.
+  BUILD='set -e; rm -rf build stm_dist/_C*.so stm_dist/_C_build.json; T=$(date +%s)
+    echo "TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-unset} CUDA_HOME=${CUDA_HOME:-unset} MAX_JOBS=$MAX_JOBS"
+    STM_DIST_CUDA=1 "$PY" setup.py build_ext --inplace
+    echo "_C build: $(( $(date +%s) - T ))s"; "$PY" -c "$CHECK_C"'
+  BUNDLE='set -e
+    test -f gpu_bundle/MANIFEST.txt || { echo "gpu_bundle/ missing: run make gpu-bundle here and carry [\"gpu_bundle\"]"; exit 3; }
     (cd gpu_bundle && sha256sum -c --quiet MANIFEST.txt)
-    DSV=\$(ls gpu_bundle/deepspeed-*.tar.gz | sed 's/.*deepspeed-\\(.*\\)\\.tar\\.gz/\\1/'); T=\$(date +%s)
-    DS_BUILD_OPS=0 '$PY' -m pip install --no-index --find-links gpu_bundle --no-build-isolation \"deepspeed==\$DSV\"
-    echo \"deepspeed install: \$(( \$(date +%s) - T ))s\""
+    DSV=$(ls gpu_bundle/deepspeed-*.tar.gz | sed "s/.*deepspeed-\(.*\)\.tar\.gz/\1/"); T=$(date +%s)
+    DS_BUILD_OPS=0 "$PY" -m pip install --no-index --find-links gpu_bundle --no-build-isolation "deepspeed==$DSV"
+    echo "deepspeed install: $(( $(date +%s) - T ))s"; "$PY" -c "$FUSED_ADAM"'
 fi
-# ds_setup turns config AdamW into DeepSpeed's FusedAdam: build it now (JIT, timed) so the
-# first engine case in the benchmark doesn't pay for it inside its time.
-BUNDLE="$BUNDLE
-  '$PY' -c 'import time; t = time.time(); from deepspeed.accelerator import get_accelerator as g; g().create_op_builder(\"FusedAdamBuilder\").load(); print(\"FusedAdam JIT build+load: %.1fs\" % (time.time() - t))'"
-BC_LIMIT=$(( $(left) - 200 )); [ $BC_LIMIT -gt 240 ] && BC_LIMIT=240
-phase build_C build.log "$BC_LIMIT" "$BUILD" &
-phase bundle bundle.log "$BC_LIMIT" "$BUNDLE" &
-wait
+BC_LIMIT=$(min 240 $(( $(left) - 200 )))
+phase build_C "$(need 60)" "$BC_LIMIT" 0 "$BUILD" & BUILD_PID=$!; echo $BUILD_PID > "$WORK/lane.build_C"
+phase bundle "$(need 30)" "$BC_LIMIT" 0 "$BUNDLE" & BUNDLE_PID=$!; echo $BUNDLE_PID > "$WORK/lane.bundle"
+wait $BUILD_PID
 
-# ---- d (first half): what only the GPU can show, and the op's argument checks ----------------
-GPU_TESTS=$(grep -rl --include='test_*.py' -E 'mark\.gpu' tests | grep -v '^tests/ops/' | sort | tr '\n' ' ')
-PYTEST="'$PY' -m pytest -q -p no:cacheprovider --continue-on-collection-errors"
+# ---- tests_gpu, with tests_ops beside it ----------------------------------------------------
+PYTEST='"$PY" -m pytest -q -p no:cacheprovider --continue-on-collection-errors'
 [ $DRY = 1 ] && PYTEST="$PYTEST --collect-only"
-# The loader's GPU tests need DALI, which the GPU image lacks and whose wheel cannot travel.
-NO_DALI=$(echo "$GPU_TESTS" | tr ' ' '\n' | grep -v '^tests/data/' | tr '\n' ' ')
-phase tests_gpu tests.log $(( $(left) - 150 > 90 ? 90 : $(left) - 150 )) \
-  "if '$PY' -c 'import nvidia.dali' 2>/dev/null; then T='$GPU_TESTS'; else T='$NO_DALI'; echo 'no DALI here: tests/data left out'; fi
-   $PYTEST -m gpu tests/ops; r1=\$?; $PYTEST tests/ops/test_input_checks.py; r2=\$?
-   # Last: the engine's GPU tests compile models, so a phase timeout costs only them.
-   r3=0; T=\$(echo \$T); [ -n \"\$T\" ] && { $PYTEST -m gpu \$T; r3=\$?; }
-   exit \$(( r1 > r2 ? (r1 > r3 ? r1 : r3) : (r2 > r3 ? r2 : r3) ))"
+C_FAILED=""; [[ "$(ended build_C)" =~ ^(0|none)$ ]] || C_FAILED="build_C failed (exit $(ended build_C)): no _C to test"
+OWN_CUDA_TESTS="tests/ops/test_ms_deform_attn_cuda.py tests/ops/test_input_checks.py"
+SKIP_WHY="$C_FAILED" phase tests_ops "$(need 30)" $(( $(left) - 60 )) 1 \
+  "$PYTEST tests/ops -m 'not gpu' $(printf -- '--ignore=%s ' $OWN_CUDA_TESTS)" & OPS_PID=$!
+echo $OPS_PID > "$WORK/lane.tests_ops"
+SKIP_WHY="$C_FAILED" phase tests_gpu "$(need 20)" $(min 120 $(( $(left) - 150 ))) 0 \
+  'DALI_TEST=tests/data/test_loaders.py::test_dali_gpu_decode_matches_cpu
+   "$PY" -c "import nvidia.dali" 2>/dev/null || { DALI_TEST=; echo "no DALI here (no wheel for this machine): its mixed-decode GPU test is left out"; }
+   exec '"$PYTEST $OWN_CUDA_TESTS"' $DALI_TEST' 
+wait $BUNDLE_PID
+# A JIT build killed at its limit leaves a lock that every later load waits on forever.
+[ "$(ended bundle)" = 0 ] || find "$TORCH_EXTENSIONS_DIR" -name lock -delete 2>/dev/null
+stop_phase tests_ops $OPS_PID  # the CPU tests would skew the benchmark's timings
+wait $OPS_PID
 
-# ---- e: the benchmark ----------------------------------------------------------------------
-BENCH_ARGS="--json '$OUT_DIR/gpu_train.json' --md '$WORK/gpu_train.md'"
+# ---- the benchmark: eager pairs, the ZeRO 3 step, compile with the time left ----------------
+DS_FAILED=""; [[ "$(ended bundle)" =~ ^(0|none)$ ]] || DS_FAILED="bundle failed (exit $(ended bundle)): no DeepSpeed"
+GT='"$PY" -m stm_dist.bench.gpu_train'
+BENCH_ARGS="--json \"\$OUT_DIR/gpu_train.json\" --md \"\$OUT_DIR/gpu_train.md\""
+ZERO3_ARGS="--models unified_dcn_v3_tiny"
+COMPILE_BUDGET=""
 if [ $DRY = 1 ]; then
-  BENCH_ARGS="$BENCH_ARGS --models unified_convnext_micro --img-size 32 --batch 4 --num-classes 10 --steps 2 --rounds 1 --warmup 1 --threads 1 --modes ${GPU_CHECK_DRY_MODES:-plain,engine}"
+  MICRO="--img-size 32 --batch 4 --num-classes 10 --steps 2 --rounds 1 --warmup 1 --threads 1"
+  BENCH_ARGS="$BENCH_ARGS --models unified_convnext_micro $MICRO --compile-models unified_convnext_micro"
+  ZERO3_ARGS="--models unified_dcn_v3_micro --img-size 32 --batch 2 --num-classes 10 --threads 1"
+  # A cold inductor compile of even the micro model takes minutes on 2 cores: by default the dry
+  # run shows the budget skip instead (GPU_CHECK_DRY_COMPILE_S=600 compiles).
+  COMPILE_BUDGET="${GPU_CHECK_DRY_COMPILE_S:-1}"
 fi
-B_LIMIT=$(( $(left) - 25 ))
-phase bench bench.log "$B_LIMIT" "'$PY' -m stm_dist.bench.gpu_train $BENCH_ARGS --budget-s $(( B_LIMIT - 15 )) ${GPU_CHECK_BENCH_ARGS:-}"
+B_LIMIT=$(( $(left) - 80 ))  # 70 s kept for the ZeRO 3 step
+phase bench "$(need 60)" "$B_LIMIT" 0 \
+  "$GT --modes plain,engine $BENCH_ARGS --budget-s $(( B_LIMIT - 10 )) ${GPU_CHECK_BENCH_ARGS:-}"
+Z_LIMIT=$(min 180 $(( $(left) - 10 )))
+SKIP_WHY="$DS_FAILED" phase zero3 "$(need 30)" "$Z_LIMIT" 0 \
+  "$GT --modes engine --zero-stage 3 --precision bf16 --ds-config ds_configs/zero3_bf16.json --warmup 1 --steps 3 --rounds 1 \
+   $ZERO3_ARGS --json \"\$OUT_DIR/zero3.json\""
+C_LIMIT=$(( $(left) - 10 ))
+SKIP_WHY="$DS_FAILED" phase bench_compile "$(need 100)" "$C_LIMIT" 1 \
+  "$GT --modes engine_compile --append $BENCH_ARGS --budget-s ${COMPILE_BUDGET:-$(( C_LIMIT - 10 ))} ${GPU_CHECK_BENCH_ARGS:-}"
+SKIP_WHY="$DS_FAILED" phase compile_zero3 "$(need 150)" $(min 400 $(( $(left) - 10 ))) 1 \
+  "$PYTEST tests/engine/test_compile_zero3.py"
 
-# ---- d (second half): the rest of tests/ops in what remains ----------------------------------
-phase tests_ops tests.log $(( $(left) - 10 )) "$PYTEST tests/ops -m 'not gpu' --ignore tests/ops/test_input_checks.py"
-
-# ---- f: the report -------------------------------------------------------------------------
-"$PY" - "$PHASES" "$OUT_DIR" "$WORK/gpu_train.md" "$DRY" <<'EOF'
-import json, os, re, sys
-
-phases_tsv, out, bench_md, dry = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
-phases = []
-for line in open(phases_tsv):
-    name, rc, secs, log = line.rstrip("\n").split("\t")
-    text = open(os.path.join(out, log), errors="replace").read() if os.path.exists(os.path.join(out, log)) else ""
-    # Both test phases share tests.log: read only this phase's part of it.
-    part = re.search(rf"(?ms)^== {name} \(limit.*?^== {name}: exit", text)
-    text = part.group(0) if part else ""
-    # The lines a reader wants from each log: pytest's summary, the build/JIT timings, the card.
-    pytest_sum = r"^=*[ ]*\d+(/\d+)? (passed|failed|skipped|errors?|deselected|tests? collected).*$"
-    pat = {"tests_gpu": pytest_sum, "tests_ops": pytest_sum, "build_C": r"^_C (build|loaded).*$",
-           "bundle": r"^(deepspeed install|FusedAdam JIT).*$", "env": r"^GPU \d.*$|^\d+\.\d+\.\d+ \S+ cuda .*$"}.get(name)
-    hits = [m.group(0) for m in re.finditer(pat, text, re.M)] if pat else []
-    status = rc if rc in ("skipped", "not selected") else ("ok" if rc == "0" else ("TIMED OUT" if rc in ("124", "137") else f"FAILED ({rc})"))
-    phases.append({"phase": name, "status": status, "exit": rc, "seconds": int(secs), "log": log,
-                   "summary": "; ".join(h.strip("= ") for h in hits[-3:])})
-bench = None
-if os.path.exists(os.path.join(out, "gpu_train.json")):
-    bench = json.load(open(os.path.join(out, "gpu_train.json")))
-    rows = bench["rows"]
-    for p in phases:
-        if p["phase"] == "bench":
-            p["summary"] = (f"{sum(1 for r in rows if r['img_per_s'])} cases measured, "
-                            f"{sum(1 for r in rows if r.get('error'))} failed, "
-                            f"{sum(1 for r in rows if r.get('skipped'))} skipped for time")
-md = ["# GPU check" + (" (dry run on CPU: micro model, tiny sizes; numbers mean nothing)" if dry else ""), "",
-      "| phase | status | s | summary | log |", "|---|---|---|---|---|"]
-md += [f"| {p['phase']} | {p['status']} | {p['seconds']} | {p['summary'].replace('|', '/')} | {p['log']} |" for p in phases]
-md += ["", open(bench_md).read() if os.path.exists(bench_md) else "No benchmark table: see bench.log."]
-open(os.path.join(out, "gpu_check.md"), "w").write("\n".join(md) + "\n")
-json.dump({"dry_run": dry, "phases": phases, "bench": bench}, open(os.path.join(out, "gpu_check.json"), "w"), indent=1)
-print("\n".join(md))
-EOF
-echo "gpu_check.sh: $(( $(date +%s) - T0 ))s in all; results in $OUT_DIR"
-# Non-zero when any phase failed, so a caller sees it without reading the table.
-! cut -f2 "$PHASES" | grep -v -x -E '0|skipped|not selected' -q
+# ---- the report ------------------------------------------------------------------------------
+report --final; RC=$?
+cat "$OUT_DIR/gpu_check.md"
+echo "gpu_check.sh: $(( $(date +%s) - T0 ))s in all, exit $RC; results in $OUT_DIR"
+exit $RC

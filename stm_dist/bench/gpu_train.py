@@ -255,11 +255,11 @@ def _meta(args, device):
     meta = {"device": str(device), "torch": torch.__version__, "cuda": torch.version.cuda,
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "deepspeed": None, "c_cuda_kernel": None, "ds_config": args.ds_config}
-    try:
-        import deepspeed
+    try:  # the installed version, without importing DeepSpeed (seconds) before it is needed
+        from importlib.metadata import version
 
-        meta["deepspeed"] = deepspeed.__version__
-    except ImportError:
+        meta["deepspeed"] = version("deepspeed")
+    except Exception:
         pass
     try:
         from stm_dist.ops import kernel_available
@@ -288,6 +288,19 @@ def _predict(modes, seen):
     """Seconds a group should take: the slowest such case seen so far, with a margin; a guess
     before any was seen (compile of a tiny model is ~1 min cold on the GPU machine's 16 cores)."""
     return sum(1.3 * max(seen[m]) if seen.get(m) else (90.0 if m == "engine_compile" else 25.0) for m in modes)
+
+
+def _init_engine():
+    """The process group the engine needs (a world of one; nccl on the GPU, gloo on CPU). None, or
+    why the engine cannot run (no DeepSpeed: the bundle install failed): the baseline still runs."""
+    try:
+        from stm_dist.engine.distributed import init
+
+        init()
+        return None
+    except Exception as e:
+        traceback.print_exc()
+        return f"engine unavailable: {type(e).__name__}: {e}".splitlines()[0][:300]
 
 
 def run(args) -> int:
@@ -323,15 +336,6 @@ def run(args) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    engine_error = None
-    if any(m != "plain" for m in modes):
-        try:
-            from stm_dist.engine.distributed import init
-
-            init()  # a world of one; DeepSpeed's process group (nccl on the GPU, gloo on CPU)
-        except Exception as e:  # no DeepSpeed (the bundle install failed): still measure the baseline
-            engine_error = f"engine unavailable: {type(e).__name__}: {e}".splitlines()[0][:300]
-            traceback.print_exc()
     meta = _meta(args, device)
     rows = load_for_append(args.json, meta) if args.append else []
     new = len(rows)  # the exit status speaks for this run's rows only
@@ -339,17 +343,21 @@ def run(args) -> int:
     def save():
         write(args.json, args.md, meta, rows)
 
-    seen = {}
+    seen, engine = {}, {}
     for model_name, group in _plan(models, modes, {m.strip() for m in args.compile_models.split(",")}):
         left = args.budget_s - (time.perf_counter() - t_start) if args.budget_s else math.inf
         need = _predict(group, seen)
-        run_now = [m for m in group if m == "plain"] if engine_error else group
-        rows += [_row(model_name, m, args, error=engine_error) for m in group if m not in run_now]
-        if run_now and need > left:
+        if need > left:
             rows += [_row(model_name, m, args, skipped=f"budget: {max(left, 0):.0f} s left, ~{need:.0f} s needed")
-                     for m in run_now]
-            print(f"[gpu_train] skip {model_name} {run_now}: ~{need:.0f} s needed, {max(left, 0):.0f} s left", flush=True)
-        elif run_now:
+                     for m in group]
+            print(f"[gpu_train] skip {model_name} {group}: ~{need:.0f} s needed, {max(left, 0):.0f} s left", flush=True)
+            save()
+            continue
+        if "error" not in engine and any(m != "plain" for m in group):
+            engine["error"] = _init_engine()  # first use only: a run whose engine cases all skip never pays
+        run_now = [m for m in group if m == "plain"] if engine.get("error") else group
+        rows += [_row(model_name, m, args, error=engine.get("error")) for m in group if m not in run_now]
+        if run_now:
             for r in run_group(model_name, run_now, args, device, rows, save):
                 seen.setdefault(r["mode"], []).append(r["case_s"] or 0)
                 print(f"[gpu_train] {r['model']:24s} {r['mode']:15s} img/s {cell(r['img_per_s']):>9s}  "
