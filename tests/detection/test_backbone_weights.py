@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from parity import SPEC_DIR, fill_state_dict, original_keys
+from parity import SPEC_DIR, fill_state_dict
 from stm_dist.detection import create_backbone, load_backbone_weights
 from stm_dist.detection.backbone_weights import CheckpointError
 from stm_dist.engine.export import write
