@@ -2,6 +2,7 @@
 out_norm_* new) on the paper's release format, our exports and run directories, detector files,
 and named errors for weights of another model."""
 import argparse
+import ast
 import json
 import os
 
@@ -28,7 +29,7 @@ def _release_file(path, name):
     (shared/spec/original_state_dict_keys), state dict under 'model' beside the training state."""
     rows = [line.split("\t") for line in open(os.path.join(SPEC_DIR, "original_state_dict_keys", f"{name}.txt"))
             .read().splitlines()]
-    sd = {k: torch.zeros(eval(shape), dtype=getattr(torch, dtype)) for k, shape, dtype, _ in rows}
+    sd = {k: torch.zeros(ast.literal_eval(shape), dtype=getattr(torch, dtype)) for k, shape, dtype, _ in rows}
     sd = fill_state_dict(sd, torch.float32)
     for k, v in sd.items():  # the integer buffers as the model computes them, not zeros
         if not v.is_floating_point():
