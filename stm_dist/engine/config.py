@@ -42,6 +42,9 @@ class ModelConfig:
     # that calls stm_dist.models.register_mixer; every process imports it before model.name is
     # looked up (docs/mixers.md).
     mixer_module: Optional[str] = None
+    # "classification", or "detection": Mask R-CNN on the model's detection backbone (the
+    # `detection` section; docs/detection.md).
+    task: str = "classification"
 
 
 @dataclass
@@ -59,6 +62,22 @@ class DataConfig:
     record_keys: bool = False
     # DALI: processes that read the samples for the pipeline (0 = the training process itself).
     source_workers: int = 0
+
+
+@dataclass
+class DetectionConfig:
+    """Mask R-CNN (model.task=detection): the input pipeline's resize/flip/pad and the heads."""
+    # Short side of the resized image; several = one drawn per image (multi-scale training).
+    # The long side is capped at max_size (mmdet's (1333, 800)); evaluation uses the largest.
+    short_sides: list = field(default_factory=lambda: [800.0])
+    max_size: int = 1333
+    flip_prob: float = 0.5
+    size_divisor: int = 32
+    # "full": the paper's heads (FPN 256, two FC 1024, 4-conv mask head); "slim": narrow heads
+    # for CPU demos and tests.
+    head: str = "full"
+    # Reproduce mmdet 2.x inference numerics (the paper's released detectors; docs/detection.md).
+    mmdet_compat: bool = False
 
 
 @dataclass
@@ -94,6 +113,11 @@ class ScheduleConfig:
     warmup_steps: int = -1
     # Stop after this many optimizer steps (smoke runs, tests); the schedule still spans `epochs`.
     max_steps: Optional[int] = None
+    # "cosine" (the classification recipe) or "step": lr x gamma at each epoch in milestones
+    # after the linear warm-up (the detection 1x/3x recipes).
+    kind: str = "cosine"
+    milestones: list = field(default_factory=list)
+    gamma: float = 0.1
 
 
 @dataclass
@@ -148,6 +172,7 @@ class RunConfig:
 class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    detection: DetectionConfig = field(default_factory=DetectionConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -162,6 +187,9 @@ class ExperimentConfig:
 
 _CHOICES = {
     ("data", "backend"): ("dali", "pil"),
+    ("model", "task"): ("classification", "detection"),
+    ("detection", "head"): ("full", "slim"),
+    ("schedule", "kind"): ("cosine", "step"),
 }
 # Keys that name files or folders, checked by `check_paths` (not at parse time: a recipe for
 # ImageNet is valid on a laptop without ImageNet; a run is not).
@@ -294,6 +322,16 @@ def validate(cfg: ExperimentConfig, source: str = "<config>"):
     need(t.log_every > 0, "train.log_every", f"must be > 0, got {t.log_every}")
     need(t.eval_every_epochs >= 0, "train.eval_every_epochs", f"must be >= 0 (0: never evaluate), got {t.eval_every_epochs}")
     need(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+    det = cfg.detection
+    need(len(det.short_sides) > 0 and all(v >= 32 for v in det.short_sides), "detection.short_sides",
+         f"must list sizes >= 32, got {det.short_sides}")
+    need(det.max_size >= max(det.short_sides or [0]), "detection.max_size",
+         f"({det.max_size}) must be >= the largest short side ({max(det.short_sides or [0]):g})")
+    need(0.0 <= det.flip_prob <= 1.0, "detection.flip_prob", f"must be in [0, 1], got {det.flip_prob}")
+    need(det.size_divisor > 0, "detection.size_divisor", f"must be > 0, got {det.size_divisor}")
+    need(all(x > 0 for x in s.milestones) and list(s.milestones) == sorted(s.milestones), "schedule.milestones",
+         f"must be increasing epochs > 0, got {s.milestones}")
+    need(0.0 < s.gamma <= 1.0, "schedule.gamma", f"must be in (0, 1], got {s.gamma}")
     for key in ("warmup_init_lr", "min_lr", "weight_decay"):
         v = getattr(o, key)
         need(v >= 0, f"optim.{key}", f"must be >= 0, got {v}")

@@ -31,17 +31,13 @@ from .config import ConfigError
 
 
 class DataFeed:
-    def __init__(self, cfg, rank: int, accum: int, device: str, run_dir: str | None = None):
-        from stm_dist.data import build_train_loader
+    def __init__(self, cfg, rank: int, accum: int, device: str, run_dir: str | None = None, task=None):
+        from .tasks import task_for
 
         t, d = cfg.train, cfg.data
         world = t.global_batch // (t.micro_batch * accum)
         self.rank, self.accum = rank, accum
-        self.loader = build_train_loader(d.train_shards, t.micro_batch, rank=rank, world_size=world, accum=accum,
-                                         seed=t.seed, img_size=cfg.model.img_size, device=device,
-                                         num_threads=d.num_threads, randaug=d.randaug, backend=d.backend,
-                                         dont_use_mmap=d.dont_use_mmap,
-                                         source_workers=d.source_workers if d.backend == "dali" else 0)
+        self.loader = (task or task_for(cfg)).train_loader(rank, world, accum, device)
         self._keys_file = None
         if getattr(d, "record_keys", False):
             run_dir = run_dir or cfg.run.out_dir
@@ -53,7 +49,8 @@ class DataFeed:
         self.loader.set_epoch(epoch)
 
     def next_step(self) -> list:
-        """The `accum` (images, labels) micro-batches of this rank for the next optimizer step."""
+        """The `accum` micro-batches ((images, labels), or (images, targets)) of this rank for the
+        next optimizer step."""
         out = self.loader.next_step()
         if self._keys_file is not None:
             epoch, step = self.loader.last_step

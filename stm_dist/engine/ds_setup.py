@@ -216,8 +216,9 @@ def build(cfg, world_size: int, accelerator: str, load_universal: bool = False) 
     return Built(ds, prec, stage, own, unit)
 
 
-def initialize(built: Built, model, groups, cfg):
-    """deepspeed.initialize with our optimizer at ZeRO 0; returns (engine, optimizer)."""
+def initialize(built: Built, model, groups, cfg, find_units=None):
+    """deepspeed.initialize with our optimizer at ZeRO 0; returns (engine, optimizer).
+    `find_units(model)`: the ZeRO 3 fetch units (default `fetch_units`: the unified models')."""
     import deepspeed
     import torch
 
@@ -230,7 +231,7 @@ def initialize(built: Built, model, groups, cfg):
     if built.zero_stage == 3 and built.fetch_unit in ("flat", "block"):
         from deepspeed.utils import set_z3_leaf_module
 
-        units = fetch_units(model)
+        units = (find_units or fetch_units)(model)
         if built.fetch_unit == "flat":
             from .flat_params import flatten
 

@@ -31,6 +31,22 @@ def cosine_schedule(peak: float, final: float, epochs: int, iters_per_epoch: int
     return np.concatenate((ramp, cos))
 
 
+def step_schedule(peak: float, epochs: int, iters_per_epoch: int, milestones, gamma: float,
+                  warmup_steps: int = 0, warmup_ratio: float = 0.001) -> np.ndarray:
+    """mmdet's "step" policy: `peak * gamma ** k` from the epoch of the k-th milestone on, the
+    first `warmup_steps` scaled by mmdet's linear warm-up `1 - (1 - i / warmup_steps) * (1 -
+    warmup_ratio)` (the detection 1x recipe: milestones 8 and 11 of 12 epochs, 1,000 warm-up
+    iterations from 0.001 x peak)."""
+    total = epochs * iters_per_epoch
+    epoch_of = np.arange(total) // iters_per_epoch
+    k = np.searchsorted(np.asarray(sorted(milestones), dtype=np.float64), epoch_of, side="right")
+    lr = peak * np.power(float(gamma), k)
+    warm = min(max(warmup_steps, 0), total)
+    i = np.arange(warm)
+    lr[:warm] *= 1.0 - (1.0 - i / warm) * (1.0 - warmup_ratio)
+    return lr
+
+
 class Schedules:
     """LR and weight decay per optimizer step, plus applying them to optimizer param groups."""
 
@@ -38,8 +54,13 @@ class Schedules:
         o, s = optim_cfg, sched_cfg
         self.iters_per_epoch = iters_per_epoch
         self.total_steps = s.epochs * iters_per_epoch
-        self.lr = cosine_schedule(o.lr, o.min_lr, s.epochs, iters_per_epoch, s.warmup_epochs,
-                                  o.warmup_init_lr, s.warmup_steps)
+        if getattr(s, "kind", "cosine") == "step":
+            # The warm-up starts at warmup_init_lr: mmdet's warmup_ratio = warmup_init_lr / lr.
+            warm = s.warmup_steps if s.warmup_steps > 0 else s.warmup_epochs * iters_per_epoch
+            self.lr = step_schedule(o.lr, s.epochs, iters_per_epoch, s.milestones, s.gamma, warm, o.warmup_init_lr / o.lr)
+        else:
+            self.lr = cosine_schedule(o.lr, o.min_lr, s.epochs, iters_per_epoch, s.warmup_epochs,
+                                      o.warmup_init_lr, s.warmup_steps)
         wd_end = o.weight_decay if o.weight_decay_end is None else o.weight_decay_end
         self.wd = cosine_schedule(o.weight_decay, wd_end, s.epochs, iters_per_epoch)
 

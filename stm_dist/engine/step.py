@@ -16,10 +16,7 @@ import torch
 from . import ds_setup
 from . import sync_bn
 from .precision import LossScaler
-
-
-def soft_target_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return torch.sum(-target * torch.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+from .tasks.classification import soft_target_cross_entropy  # noqa: F401  (benchmarks import it here)
 
 
 def configure_cuda_speed():
@@ -32,8 +29,14 @@ def configure_cuda_speed():
 
 class StepRunner:
     def __init__(self, engine, optimizer, built: ds_setup.Built, clip_grad: float, device,
-                 channels_last: bool = False):
+                 channels_last: bool = False, task=None):
+        """`task`: what a batch is and its loss (engine/tasks/); None = classification."""
         self.engine, self.optimizer, self.built = engine, optimizer, built
+        if task is None:
+            from .tasks.classification import ClassificationTask
+
+            task = ClassificationTask(None)
+        self.task = task
         self.precision = built.precision
         self.zero_stage = built.zero_stage
         self.clip_grad = clip_grad
@@ -47,14 +50,8 @@ class StepRunner:
         self._ones = torch.ones(1, device=self.device)
         self.grad_norm = None  # ZeRO 0: a device tensor; else DeepSpeed's value
 
-    def forward_loss(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        images = images.to(self.device, self.precision.input_dtype, non_blocking=True)
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        targets = targets.to(self.device, non_blocking=True)
-        with self.precision.autocast(self.device.type):
-            logits = self.engine(images)
-        return soft_target_cross_entropy(logits, targets)
+    def forward_loss(self, inputs, targets) -> torch.Tensor:
+        return self.task.forward_loss(self.engine, inputs, targets, self.device, self.precision, self.channels_last)
 
     def micro_step(self, images, targets, first: bool, last: bool) -> torch.Tensor:
         if first and self.scaler is not None and not self.built.own_optimizer:
@@ -72,7 +69,7 @@ class StepRunner:
         return loss.detach()
 
     def train_step(self, batches) -> torch.Tensor:
-        """One optimizer step over this rank's micro-batches [(images, soft_targets), ...]."""
+        """One optimizer step over this rank's micro-batches [(inputs, targets), ...]."""
         total = None
         for j, (x, t) in enumerate(batches):
             loss = self.micro_step(x, t, first=j == 0, last=j == len(batches) - 1)

@@ -18,6 +18,7 @@ from .data_feed import DataFeed
 from .distributed import accelerator_name, init
 from .ema import ShardedEMA
 from .model_setup import build_model, build_train_model  # noqa: F401  (build_model: used by tools)
+from .tasks import task_for
 from .run_checkpoints import RunCheckpoints, prepare_run_dir
 from .run_eval import BestCheckpoints, dump_live_weights, evaluate_run, lr_groups, val_loader
 from .run_log import RunLog
@@ -41,7 +42,9 @@ class Trainer:
         self.rank, self.world, self.device = init()
         self.accel = accelerator_name()
         on_cuda = self.accel == "cuda"
-        config_mod.check_paths(cfg)
+        # eval_every_epochs 0: no evaluation at all (and no val shards needed), e.g. smoke runs.
+        self.validates = cfg.train.eval_every_epochs > 0
+        config_mod.check_paths(cfg, need_val=self.validates)
         self.run_dir = os.path.abspath(cfg.run.out_dir)
         moved = prepare_run_dir(cfg, self.run_dir, self.rank)
         self.log = RunLog(self.run_dir, self.rank)
@@ -50,6 +53,7 @@ class Trainer:
 
         from stm_dist.data import read_manifest
 
+        self.task = task_for(cfg)
         t = cfg.train
         self.accum = ds_setup.grad_accum_steps(t.global_batch, t.micro_batch, self.world)
         self.num_train = int(read_manifest(cfg.data.train_shards, "train")["num_samples"])
@@ -62,11 +66,11 @@ class Trainer:
         self.total_steps = self.sched.total_steps
         if cfg.schedule.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.schedule.max_steps)
-        self.feed = DataFeed(cfg, self.rank, self.accum, "cuda" if on_cuda else "cpu", self.run_dir)
+        self.feed = DataFeed(cfg, self.rank, self.accum, "cuda" if on_cuda else "cpu", self.run_dir, self.task)
 
         seed_all(t.seed)  # identical initial weights on every rank
         channels_last = on_cuda if t.channels_last is None else t.channels_last
-        model, groups = build_train_model(cfg, self.world, channels_last, log=self.log.info)
+        model, groups = build_train_model(cfg, self.world, channels_last, log=self.log.info, task=self.task)
 
         self.ckpts = RunCheckpoints(cfg, self.run_dir, self.rank, self.world, self.log)
         load_dir, universal = self.ckpts.prepare_load()
@@ -75,21 +79,15 @@ class Trainer:
         self.precision = built.precision.name
         if on_cuda:
             configure_cuda_speed()
-        self.engine, self.optimizer = ds_setup.initialize(built, model, groups, cfg)
+        self.engine, self.optimizer = ds_setup.initialize(built, model, groups, cfg, self.task.fetch_units)
         if on_cuda if t.compile is None else t.compile:
             compile_engine(self.engine, self.zero_stage)
         self.runner = StepRunner(self.engine, self.optimizer, built, cfg.optim.clip_grad, self.device,
-                                 channels_last=channels_last)
+                                 channels_last=channels_last, task=self.task)
         self.meter = StepMeter(t.log_every, self.device, self.world)
         self.state = TrainState(self.feed, self._new_ema() if t.ema else None, self.runner, t.seed,
                                 self.rank, self.world)
 
-        from stm_dist.data import BatchAugment
-
-        a = cfg.augment
-        self.batch_aug = BatchAugment(mixup=a.mixup, cutmix=a.cutmix, switch_prob=a.switch_prob,
-                                      smoothing=a.smoothing, reprob=a.reprob,
-                                      num_classes=cfg.model.num_classes)
         self._last_eval = -1
         if self.ckpts.resume:
             self.ckpts.load(self.engine, self.state, load_dir, universal, new_ema=self._new_ema)
@@ -130,12 +128,13 @@ class Trainer:
         saved_rng = rng_state()
         if getattr(self, "_best", None) is None:  # the step this start began at: see BestCheckpoints
             self._best = BestCheckpoints(self.run_dir, self.rank, self.cfg.model.name, self.state,
-                                         getattr(self, "_first_step", self.step), self.log.info)
+                                         getattr(self, "_first_step", self.step), self.log.info, self.task.metric)
         if getattr(self, "_val_loader", None) is None:
-            self._val_loader = val_loader(self.cfg, self.rank, self.world, self.accel == "cuda")
+            self._val_loader = val_loader(self.cfg, self.rank, self.world, self.accel == "cuda", self.task)
         results.update(evaluate_run(self.cfg, self.engine.module, self.zero_stage, self.ema, self.rank,
                                     self.world, self.device, self.accel == "cuda", step=self.step,
-                                    epoch=epoch, best=self._best, loader=self._val_loader))
+                                    epoch=epoch, best=self._best, loader=self._val_loader, task=self.task,
+                                    out_dir=os.path.join(self.run_dir, "eval")))
         set_rng_state(saved_rng)
         self.log.eval(results)
         if self.cfg.optim.layer_decay is not None:  # the lr each group trained with at this step
@@ -163,9 +162,9 @@ class Trainer:
         t0 = time.perf_counter()  # host time only: no device sync on the hot path
         micro_batches = self.feed.next_step()
         data_s = time.perf_counter() - t0
-        for j, (images, labels) in enumerate(micro_batches):
-            images, targets = self.batch_aug(images, labels)
-            loss = self.runner.micro_step(images, targets, first=j == 0, last=j == self.accum - 1)
+        for j, micro_batch in enumerate(micro_batches):
+            inputs, targets = self.task.prepare(micro_batch)
+            loss = self.runner.micro_step(inputs, targets, first=j == 0, last=j == self.accum - 1)
             self.meter.add_micro(loss)
         self.step += 1
         self.step_in_epoch += 1
@@ -249,7 +248,7 @@ class Trainer:
                     self.epoch += 1
                     self.step_in_epoch = 0
                     ep_every = cfg.checkpoint.every_epochs
-                    eval_due = cfg.data.val_shards and (epoch_done + 1) % cfg.train.eval_every_epochs == 0
+                    eval_due = self.validates and (epoch_done + 1) % cfg.train.eval_every_epochs == 0
                     if eval_due:  # a checkpoint written now records that this evaluation has not run
                         self.state.eval_pending = epoch_done
                     save_due = (ep_every and self.epoch % ep_every == 0) or (every and self.step % every == 0)
@@ -262,10 +261,10 @@ class Trainer:
                         self.evaluate()
             self._flush()
             if last_saved != self.step:
-                if cfg.data.val_shards and self._last_eval != self.step:
+                if self.validates and self._last_eval != self.step:
                     self.state.eval_pending = self.last_epoch
                 self.save()
-            if cfg.data.val_shards and self._last_eval != self.step:
+            if self.validates and self._last_eval != self.step:
                 self.evaluate()
             if cfg.run.dump_live_weights:
                 dump_live_weights(self.engine.module, self.zero_stage, self.rank,

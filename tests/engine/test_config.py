@@ -137,7 +137,7 @@ def test_zero0_uses_our_fused_adamw_and_clipping():
     ("augment.mixup=-1", "'augment.mixup' (a Beta alpha; 0 = off) must be >= 0"),
     ("train.micro_batch=0", "'train.micro_batch' must be > 0, got 0"),
     ("train.global_batch=-8", "'train.global_batch' must be > 0"),
-    ("train.eval_every_epochs=0", "'train.eval_every_epochs' must be >= 1, got 0"),
+    ("train.eval_every_epochs=-1", "'train.eval_every_epochs' must be >= 0 (0: never evaluate), got -1"),
     ("optim.betas=[0.9, 1.0]", "'optim.betas' must both be in [0, 1)"),
     ("optim.weight_decay=-0.05", "'optim.weight_decay' must be >= 0"),
     ("optim.lr=0", "'optim.lr' must be > 0"),
@@ -148,6 +148,12 @@ def test_zero0_uses_our_fused_adamw_and_clipping():
     ("data.num_threads=0", "'data.num_threads' must be >= 1"),
     ("schedule.warmup_epochs=400", "'schedule.warmup_epochs' (400) must not exceed schedule.epochs (300)"),
     ("checkpoint.keep_last=0", "'checkpoint.keep_last' must be >= 1"),
+    ("model.task=segmentation", "'model.task' must be one of ['classification', 'detection']"),
+    ("detection.short_sides=[800, 16]", "'detection.short_sides' must list sizes >= 32"),
+    ("detection.max_size=600", "'detection.max_size' (600) must be >= the largest short side (800)"),
+    ("detection.flip_prob=2", "'detection.flip_prob' must be in [0, 1], got 2.0"),
+    ("schedule.milestones=[11, 8]", "'schedule.milestones' must be increasing epochs > 0"),
+    ("schedule.gamma=0", "'schedule.gamma' must be in (0, 1]"),
 ])
 def test_out_of_range_values_are_named(override, named):
     with pytest.raises(ConfigError) as e:
