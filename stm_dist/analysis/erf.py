@@ -38,12 +38,7 @@ from .runner import ValImages, gather_batches, progress
 
 THRESHOLDS = ("0.2", "0.3", "0.5", "0.99")
 
-# RepLKNet's size. At 224 px the last stage of a stride-32 model is 7 x 7 and the fields of most
-# mixers reach the image border, so the 99% square is ~ the whole image for all of them and the
-# comparison loses its power; at 1024 px (32 x 32) the fields stay inside. A forward and backward
-# pass costs ~21x the 224 px one: seconds per 50 images on a GPU, so we keep the published size.
-ERF_IMG_SIZE = 1024
-ERF_BATCH = 8  # images per batch at 1024 px: activations with gradients of a base model fit a GPU
+from .options import ERF_BATCH, ERF_IMG_SIZE  # noqa: F401  (the defaults; why: see there)
 
 DEFINITIONS = {
     "area_ratio": "ours: |gradient| of relu(central output pixel) w.r.t. the input, summed over channels "

@@ -7,6 +7,14 @@ import os
 
 DEFAULT_EPS = ("0", "1/255", "2/255", "4/255")
 
+# The ERF's default input size, RepLKNet's. At 224 px the last stage of a stride-32 model is 7 x 7
+# and the fields of most mixers reach the image border, so the 99% square is ~ the whole image for
+# all of them and the comparison loses its power; at 1024 px (32 x 32) the fields stay inside. A
+# forward and backward pass costs ~21x the 224 px one: seconds per 50 images on a GPU, so we keep
+# the published size (and the statistic comparable with RepLKNet's table).
+ERF_IMG_SIZE = 1024
+ERF_BATCH = 8  # images per batch at 1024 px: activations with gradients of a base model fit a GPU
+
 
 class AnalysisError(ValueError):
     """Bad input to an analysis (the message names it)."""

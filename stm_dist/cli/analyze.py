@@ -100,7 +100,7 @@ def build_parser():
 
 def with_defaults(args):
     """Fill the per-analysis defaults of --img-size and --batch (erf: 1024 px, batches of 8)."""
-    from stm_dist.analysis.erf import ERF_BATCH, ERF_IMG_SIZE
+    from stm_dist.analysis.options import ERF_BATCH, ERF_IMG_SIZE
 
     erf = args.analysis == "erf"
     if args.img_size is None:
@@ -114,7 +114,7 @@ def expand(args) -> list:
     """The single-analysis argument sets that `stm-analyze all` stands for (others: itself)."""
     if args.analysis != "all":
         return [with_defaults(args)]
-    from stm_dist.analysis.erf import ERF_IMG_SIZE
+    from stm_dist.analysis.options import ERF_IMG_SIZE
 
     base = {k: v for k, v in vars(args).items() if k not in ("analysis", "types", "erf_img_size", "robustness_limit")}
     out = [argparse.Namespace(**base, analysis="invariance", type=t) for t in args.types]
