@@ -25,6 +25,7 @@ def _rle(binary):
     rles = mask_utils.encode(np.asfortranarray(binary.permute(1, 2, 0).numpy().astype(np.uint8)))
     for r in rles:
         r["counts"] = r["counts"].decode("ascii")
+        r["size"] = [int(v) for v in r["size"]]  # numpy uint32 for a batch of masks: not JSON-writable
     return rles
 
 
@@ -129,8 +130,10 @@ def coco_evaluate(gt_json_path, bbox_results, segm_results, log=print):
         stray = {r["image_id"] for r in res} - known
         if stray:
             raise ValueError(f"{gt_json_path}: {kind} results for image ids not in the file: {sorted(stray)[:8]}")
-    bbox, _ = _evaluate(gt, list(bbox_results), "bbox", log)
-    segm, _ = _evaluate(gt, list(segm_results), "segm", log)
+    # Copies: COCO.loadRes adds numpy "area"/"bbox" fields to the dicts it is given, which would
+    # leave the caller's results no longer JSON-writable.
+    bbox, _ = _evaluate(gt, [dict(r) for r in bbox_results], "bbox", log)
+    segm, _ = _evaluate(gt, [dict(r) for r in segm_results], "segm", log)
     return {"bbox_AP": bbox["AP"], "segm_AP": segm["AP"], "bbox": bbox, "segm": segm}
 
 
