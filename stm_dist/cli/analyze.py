@@ -40,7 +40,8 @@ pixel, over --images validation images, each resized as a whole to --img-size x 
 The default size is RepLKNet's 1024 px. At 224 px the last stage of these stride-32 models is
 7 x 7 and the fields of most mixers reach the image border, so the 99% area ratio is ~1 for every
 mixer and the comparison loses its power; at 1024 px (a 32 x 32 map) they stay inside. It costs
-~21x the 224 px pass per image: seconds for 50 images on a GPU (hence the smaller batch, 8).
+~21x the FLOPs of 224 px per image (a micro model on one CPU thread: 3-11 s per image), fine for
+50 images on a GPU; batches default to 8 images to bound the activation memory.
 
 erf.json holds two statistics at t = 0.2, 0.3, 0.5, 0.99 (definitions in the file):
   area_ratio           ours: |gradient| summed over images; the smallest square centred on the
@@ -65,7 +66,8 @@ def build_parser():
     common.add_argument("--split", default="val")
     common.add_argument("--img-size", type=int, default=None,
                         help="input size (default 224; erf: 1024, see `stm-analyze erf --help`)")
-    common.add_argument("--crop-pct", type=float, default=0.875)
+    common.add_argument("--crop-pct", type=float, default=0.875,
+                        help="centre-crop fraction of invariance and robustness (erf resizes the whole image)")
     common.add_argument("--limit", type=int, default=None, help="only the first N validation images")
     common.add_argument("--batch", type=int, default=None,
                         help="images per batch, the same batches on any number of processes (default 32; erf: 8)")
