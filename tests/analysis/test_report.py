@@ -127,6 +127,8 @@ def test_results_that_are_not_comparable_are_reported_apart(outputs, tmp_path, c
             r["provenance"]["attack"] = None  # irrelevant to invariance: still one group
         if model == MODEL and name == "robustness":
             r["provenance"]["attack"]["eps"] = [0, 4 / 255]
+            for a in r["attacks"]:  # as written before the per-eps headline: acc1 was the accumulated one
+                a["acc1_single"], a["acc1"] = a.pop("acc1"), a.pop("acc1_accumulated")
 
     _copy_analyses(outputs, tmp_path / "analyses", edit)
     (tmp_path / "runs").mkdir()
@@ -139,6 +141,9 @@ def test_results_that_are_not_comparable_are_reported_apart(outputs, tmp_path, c
     assert sorted(g["settings"]["img_size"] for g in data["erf"]) == [32, 64]
     assert [[r["model"] for r in g["results"]] for g in data["erf"]] in ([[MODEL], [SECOND]], [[SECOND], [MODEL]])
     assert sorted(g["settings"]["pgd_steps"] for g in data["robustness"]) == [2, 5]
+    ours = read_json(os.path.join(outputs["one"], "robustness.json"))["attacks"]
+    read = next(r for g in data["robustness"] for r in g["results"] if r["model"] == MODEL)["attacks"]
+    assert read == ours  # the old file's numbers under today's names
     assert len(data["invariance"]["translation"]) == 1
     assert all(os.path.isfile(tmp_path / "out" / f) for f in ("erf_compare.png", "erf_compare_2.png"))
     md = (tmp_path / "out" / "report.md").read_text()
