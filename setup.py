@@ -158,8 +158,9 @@ def _build_ext():
 
 # The recipes, DeepSpeed configs and sweep files stay top-level folders of the checkout (users,
 # docs and the slurm scripts name configs/x.yaml); a wheel carries them inside the package, as
-# stm_dist/configs/ ..., where stm_dist/package_data.py looks for them.
-SHIPPED = {"configs": "*.yaml", "ds_configs": "*.json", "sweeps": "*.yaml"}
+# stm_dist/configs/ ..., where stm_dist/package_data.py looks for them (one level of subfolders:
+# configs/detection/).
+SHIPPED = {"configs": ["*.yaml", "*/*.yaml"], "ds_configs": ["*.json"], "sweeps": ["*.yaml"]}
 
 setup(
     name="stm-dist",
@@ -168,7 +169,7 @@ setup(
     packages=find_packages(include=["stm_dist", "stm_dist.*", "data_tools", "data_tools.*"])
     + [f"stm_dist.{folder}" for folder in SHIPPED],
     package_dir={f"stm_dist.{folder}": folder for folder in SHIPPED},
-    package_data={f"stm_dist.{folder}": [pattern] for folder, pattern in SHIPPED.items()},
+    package_data={f"stm_dist.{folder}": patterns for folder, patterns in SHIPPED.items()},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

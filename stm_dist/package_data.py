@@ -59,25 +59,34 @@ def resolve(path: str) -> str:
     return shipped(path) or os.path.abspath(path)
 
 
+def _yaml_files(where: str) -> list[str]:
+    """The YAML files of a shipped folder and of its subfolders (configs/detection/), top level first."""
+    return sorted(glob.glob(os.path.join(where, "*.yaml"))) + sorted(glob.glob(os.path.join(where, "*", "*.yaml")))
+
+
 def names(name: str) -> list[str]:
-    """The names of the shipped YAML files in FOLDERS' `name` (recipe or sweep names)."""
+    """The names of the shipped YAML files in FOLDERS' `name` (recipe or sweep names), those of
+    its subfolders included (the detection recipes: `mask_rcnn_unified_swin_tiny_1x`)."""
     where = folder(name)
     if where is None:
         return []
-    return sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(where, "*.yaml")))
+    return sorted({os.path.splitext(os.path.basename(p))[0] for p in _yaml_files(where)})
 
 
 def find_named(arg: str, kind: str) -> str | None:
     """A bare name (`unified_swin_tiny`, or `unified_swin_tiny.yaml` with no folder) of a YAML
-    file in the shipped folder `kind`; None when `arg` is a path or no such file is shipped."""
+    file in the shipped folder `kind` or one of its subfolders (a top-level file wins); None
+    when `arg` is a path or no such file is shipped."""
     if os.sep in arg or (os.altsep and os.altsep in arg):
         return None
     stem = arg[:-5] if arg.endswith(".yaml") else arg[:-4] if arg.endswith(".yml") else arg
     where = folder(kind)
     if where is None:
         return None
-    path = os.path.join(where, stem + ".yaml")
-    return path if os.path.isfile(path) else None
+    for path in _yaml_files(where):
+        if os.path.basename(path) == stem + ".yaml":
+            return path
+    return None
 
 
 def close_names(arg: str, kind: str, n: int = 5) -> list[str]:

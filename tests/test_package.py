@@ -78,7 +78,7 @@ def test_the_wheel_is_what_runs(venv):
     pkg = os.path.join(venv["purelib"], "stm_dist")
     assert where == os.path.join(pkg, "__init__.py"), where
     assert configs == os.path.join(pkg, "configs") and ds == os.path.join(pkg, "ds_configs")
-    assert int(n) == 21  # the 20 recipes and the demo's
+    assert int(n) == 47  # the 20 recipes, the demo's, and configs/detection/ (25 Mask R-CNN recipes, the demo's)
     assert not REPO.startswith(venv["cwd"]) and not os.path.exists(os.path.join(venv["cwd"], "configs"))
 
 

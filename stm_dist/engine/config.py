@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -410,16 +411,21 @@ def resolve_path(path: str) -> str:
 def resolve_config(arg: str) -> str:
     """The experiment YAML `arg` names: a file (from the working directory, or a shipped path
     such as configs/unified_swin_tiny.yaml), or a recipe name (`unified_swin_tiny`, a model
-    alias such as `unified_halonet_tiny` too). Else one ConfigError line with close names."""
+    alias such as `unified_halonet_tiny` too; the detection recipes of configs/detection/ by
+    their names, `mask_rcnn_unified_swin_tiny_1x`). Else one ConfigError line with close names."""
     path = resolve_path(arg)
     if os.path.isfile(path):
         return path
     named = package_data.find_named(arg, "configs")
     if named is None and not os.path.dirname(arg) and not arg.endswith((".yaml", ".yml")):
-        try:  # a model alias names the canonical model's recipe
+        # A model alias names the canonical model's recipe; in a detection recipe's name too, as
+        # the paper's release files spell them (mask_rcnn_unified_halonet_tiny_1x).
+        det = re.fullmatch(r"mask_rcnn_(.+)_(\d+x)", arg)
+        try:
             from stm_dist.models.registry import resolve_name
 
-            named = package_data.find_named(resolve_name(arg), "configs")
+            name = f"mask_rcnn_{resolve_name(det.group(1))}_{det.group(2)}" if det else resolve_name(arg)
+            named = package_data.find_named(name, "configs")
         except KeyError:
             pass
     if named:
