@@ -118,6 +118,15 @@ def pretrained_cfg(name: str, sd: dict, run_cfg: dict) -> dict:
     return json.loads(json.dumps(cfg))  # plain JSON types (tuples -> lists), as the file will hold
 
 
+def publish(tmp: str, out_path: str) -> None:
+    """Move a finished temporary file into place with the mode a new file gets under the umask
+    (safetensors' writer creates files 0600, unreadable to the group that shares the weights)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)
+    os.replace(tmp, out_path)
+
+
 def write(sd: dict, out_path: str, info: dict, fmt: str):
     """Write `sd` with its description `info` (model, pretrained_cfg, source, step, ema)."""
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
@@ -130,7 +139,7 @@ def write(sd: dict, out_path: str, info: dict, fmt: str):
             save_file(sd, tmp, metadata=meta)
         else:
             torch.save({"state_dict": sd, **info}, tmp)
-        os.replace(tmp, out_path)
+        publish(tmp, out_path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -180,15 +189,48 @@ def read_info(path: str) -> dict:
     return {k: v for k, v in obj.items() if k != "state_dict"} if isinstance(obj, dict) else {}
 
 
-def export(run_path: str, out_path: str, ema: bool = False, warn=print, fmt: str | None = None) -> dict:
-    fmt = format_for(out_path, fmt)
-    ckpt_dir, tag, marker = locate(run_path, warn=warn)
-    sd = consolidate(ckpt_dir, tag, marker, ema=ema)
+def _from_file(path: str, ema: bool, model: str | None) -> tuple[dict, dict]:
+    """(state dict, description) of a weights file: an export, a best.pth, a release file."""
+    from stm_dist.models.pretrained import extract_state_dict
+    from stm_dist.models.weights_file import DATA_KEYS, describe, read_file
+
+    obj, is_ema, named = read_file(path)
+    sd = extract_state_dict(obj, use_ema=ema, source=path, is_ema=is_ema)
+    name = model or named
+    if not name:
+        raise ValueError(f"{path} does not say which model it holds (no stm-export metadata, no release args): "
+                         "pass --model NAME")
+    from stm_dist.models.registry import resolve_name
+
+    name = resolve_name(name)
+    cfg = pretrained_cfg(name, sd, {})
+    recorded = describe(path)["pretrained_cfg"]  # what the file knows beats the registered defaults
+    cfg.update({k: recorded[k] for k in DATA_KEYS if recorded.get(k) is not None})
+    meta = read_info(path) if path.endswith(".safetensors") else (obj if isinstance(obj, dict) else {})
+    step = meta.get("step", meta.get("epoch"))
+    return sd, {"model": name, "pretrained_cfg": json.loads(json.dumps(cfg)), "source": os.path.abspath(path),
+                "step": step if isinstance(step, int) else None, "ema": bool(ema or is_ema)}
+
+
+def load_source(src: str, ema: bool = False, warn=print, model: str | None = None) -> tuple[dict, dict]:
+    """(fp32 state dict, description: model, pretrained_cfg, source, step, ema) of a run
+    directory / checkpoint folder (consolidated, any ZeRO stage) or of a weights file."""
+    if os.path.isfile(src):
+        sd, info = _from_file(src, ema, model)
+    else:
+        ckpt_dir, tag, marker = locate(src, warn=warn)
+        sd = consolidate(ckpt_dir, tag, marker, ema=ema)
+        name = marker.get("model")
+        info = {"model": name, "pretrained_cfg": pretrained_cfg(name, sd, _run_config(ckpt_dir, tag)),
+                "source": os.path.join(ckpt_dir, tag), "step": marker.get("step"), "ema": ema}
     # Own, contiguous storage per tensor: safetensors refuses shared or strided tensors, and the
     # two formats must hold the same bytes.
-    sd = {k: v.detach().clone().contiguous() for k, v in sd.items()}
-    name = marker.get("model")
-    info = {"model": name, "pretrained_cfg": pretrained_cfg(name, sd, _run_config(ckpt_dir, tag)),
-            "source": os.path.join(ckpt_dir, tag), "step": marker.get("step"), "ema": ema}
+    return {k: v.detach().clone().contiguous() for k, v in sd.items()}, info
+
+
+def export(run_path: str, out_path: str, ema: bool = False, warn=print, fmt: str | None = None,
+           model: str | None = None) -> dict:
+    fmt = format_for(out_path, fmt)
+    sd, info = load_source(run_path, ema=ema, warn=warn, model=model)
     write(sd, out_path, info, fmt)
     return dict(info, format=fmt)
