@@ -51,14 +51,20 @@ BASE = ["model.name=unified_convnext_micro", "model.num_classes=10", "model.img_
         "checkpoint.every_steps=3", "checkpoint.keep_last=3"]
 
 
-def train_cmd(procs: int, run_dir: str, shards: str, extra=()) -> list:
+# What a launch trains: a config file and the overrides every launch of a test module gets
+# (the detection tests pass their own).
+DIGITS = (os.path.join(REPO, "configs", "demo_digits.yaml"), BASE)
+
+
+def train_cmd(procs: int, run_dir: str, shards: str, extra=(), recipe=DIGITS) -> list:
+    config, base = recipe
     return [os.path.join(BIN, "deepspeed"), "--num_accelerators", str(procs), "--master_port", str(free_port()),
-            "--module", "stm_dist.cli.train", "--config", os.path.join(REPO, "configs", "demo_digits.yaml"),
-            f"run.out_dir={run_dir}", f"data.train_shards={shards}", f"data.val_shards={shards}", *BASE, *extra]
+            "--module", "stm_dist.cli.train", "--config", config,
+            f"run.out_dir={run_dir}", f"data.train_shards={shards}", f"data.val_shards={shards}", *base, *extra]
 
 
-def run_train(procs, run_dir, shards, extra=(), timeout=600):
-    p = subprocess.run(train_cmd(procs, run_dir, shards, extra), env=env(), cwd=REPO, capture_output=True,
+def run_train(procs, run_dir, shards, extra=(), timeout=600, recipe=DIGITS):
+    p = subprocess.run(train_cmd(procs, run_dir, shards, extra, recipe), env=env(), cwd=REPO, capture_output=True,
                        text=True, timeout=timeout)
     if p.returncode != 0:
         raise AssertionError(f"training failed (exit {p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}")
@@ -79,3 +85,47 @@ def records(run_dir: str) -> list:
 
 def train_records(run_dir):
     return [r for r in records(run_dir) if r["kind"] == "train"]
+
+
+def run_cases(procs: int, cases: list, work_dir: str, timeout: int = 1500) -> dict:
+    """Several stm-train runs in one launch of `procs` processes (cases_worker.py): `cases` is a
+    list of {"name", "overrides"[, "config"]} (config defaults to the demo recipe). Returns
+    {"cases": {name: {"exit" | "error", "traceback"}}, "started": [names], "code", "tail"}."""
+    os.makedirs(work_dir, exist_ok=True)
+    spec, result = os.path.join(work_dir, "cases.json"), os.path.join(work_dir, "result.jsonl")
+    default = os.path.join(REPO, "configs", "demo_digits.yaml")
+    with open(spec, "w") as f:
+        json.dump([dict(c, config=c.get("config", default)) for c in cases], f)
+    if os.path.exists(result):
+        os.remove(result)
+    cmd = [os.path.join(BIN, "deepspeed"), "--num_accelerators", str(procs), "--master_port", str(free_port()),
+           os.path.join(REPO, "tests", "engine", "cases_worker.py"), "--cases", spec, "--result", result]
+    try:
+        p = subprocess.run(cmd, env=env(), cwd=REPO, capture_output=True, text=True, timeout=timeout)
+        tail, code = (p.stdout + p.stderr)[-4000:], p.returncode
+    except subprocess.TimeoutExpired as e:
+        tail, code = f"timed out after {e.timeout} s", None
+    out = {"cases": {}, "started": [], "code": code, "tail": tail}
+    if os.path.exists(result):
+        with open(result) as f:
+            for line in f:
+                rec = json.loads(line)
+                if "started" in rec:
+                    out["started"].append(rec["started"])
+                else:
+                    out["cases"][rec["case"]] = rec
+    return out
+
+
+def case_ok(launch: dict, name: str) -> dict:
+    """The case's record; an AssertionError naming the case (and why) unless it exited 0."""
+    rec = launch["cases"].get(name)
+    if rec is None:
+        where = ("the launch died or hung inside it" if launch["started"][-1:] == [name]
+                 else "the launch never reached it")
+        raise AssertionError(f"{name}: no result ({where}); launch exit {launch['code']}:\n{launch['tail']}")
+    if "error" in rec:
+        raise AssertionError(f"{name} failed: {rec['error']}\n{rec['traceback']}")
+    if rec["exit"] != 0:
+        raise AssertionError(f"{name}: the trainer returned {rec['exit']}")
+    return rec

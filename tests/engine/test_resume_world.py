@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from engine_launch import run_train, train_records
+from engine_launch import BASE, case_ok, run_cases, run_train, train_records
 from resume_runs import write_short_epoch_shards
 
 pytestmark = pytest.mark.slow
@@ -69,18 +69,47 @@ def check_segment(ref, run, first, last):
     return max(abs(got_l[s] - ref_l[s]) for s in range(first, last + 1))
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_two_to_one_to_two_processes(stage, short_shards, tmp_path):
+STAGES = (0, 1, 2, 3)
+
+
+@pytest.fixture(scope="module")
+def two_one_two(short_shards, tmp_path_factory):
+    """Per ZeRO stage: 2 x 8 throughout (the reference); its step-4 checkpoint continued by
+    1 x 16 to step 8, then by 2 x 8 to the end (12). The four stages share each launch (three
+    launches in all, cases_worker.py)."""
+    root = str(tmp_path_factory.mktemp("two_one_two"))
+    ds = {s: BASE + [f"deepspeed.config=ds_configs/zero{s}_fp32.json"] for s in STAGES}  # as run_train
+    ref = {s: os.path.join(root, f"ref{s}") for s in STAGES}
+    run = {s: os.path.join(root, f"run{s}") for s in STAGES}
+    launches = [run_cases(2, [{"name": f"zero{s}/2x8", "overrides": ds[s] + PLAIN + [
+        f"run.out_dir={ref[s]}", f"data.train_shards={short_shards}", f"data.val_shards={short_shards}"]}
+        for s in STAGES], os.path.join(root, "launch1"))]
+    for s in STAGES:
+        if f"zero{s}/2x8" in launches[0]["cases"] and "error" not in launches[0]["cases"][f"zero{s}/2x8"]:
+            branch(ref[s], run[s], 4)
+    launches.append(run_cases(1, [{"name": f"zero{s}/1x16", "overrides": ds[s] + PLAIN + [
+        f"run.out_dir={run[s]}", f"data.train_shards={short_shards}", f"data.val_shards={short_shards}",
+        "train.micro_batch=16", "schedule.max_steps=8"]} for s in STAGES], os.path.join(root, "launch2")))
+    drift = {}
+    for s in STAGES:
+        if f"zero{s}/1x16" in launches[1]["cases"]:
+            drift[s] = [resumed_step(run[s]) if os.path.exists(os.path.join(run[s], "train.log")) else None]
+    launches.append(run_cases(2, [{"name": f"zero{s}/2x8 again", "overrides": ds[s] + PLAIN + [
+        f"run.out_dir={run[s]}", f"data.train_shards={short_shards}", f"data.val_shards={short_shards}"]}
+        for s in STAGES], os.path.join(root, "launch3")))
+    return {"launches": launches, "ref": ref, "run": run, "resumed_after_one": drift}
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_two_to_one_to_two_processes(stage, two_one_two):
     """2 x 8 to step 4, then 1 x 16 to step 8, then 2 x 8 to the end (12), against 2 x 8 throughout."""
-    ds = [f"deepspeed.config=ds_configs/zero{stage}_fp32.json"]
-    ref, run = str(tmp_path / "ref"), str(tmp_path / "run")
-    run_train(2, ref, short_shards, ds + PLAIN)
+    launches, ref, run = two_one_two["launches"], two_one_two["ref"][stage], two_one_two["run"][stage]
+    case_ok(launches[0], f"zero{stage}/2x8")
     assert len(global_batches(ref)[5]) == 16
-    branch(ref, run, 4)
-    run_train(1, run, short_shards, ds + PLAIN + ["train.micro_batch=16", "schedule.max_steps=8"])
-    assert resumed_step(run) == 4
+    case_ok(launches[1], f"zero{stage}/1x16")
+    assert two_one_two["resumed_after_one"][stage] == [4]
     drift = [check_segment(ref, run, 5, 8)]
-    run_train(2, run, short_shards, ds + PLAIN)
+    case_ok(launches[2], f"zero{stage}/2x8 again")
     assert resumed_step(run) == 8
     drift.append(check_segment(ref, run, 9, 12))
     assert max(losses(run)) == 12

@@ -1,10 +1,9 @@
 """A mixer of one's own in one file (examples/pool_mixer.py, outside stm_dist/models): registry,
 timm, errors that name the fix, and the pool mixer trained on the digits through stm-train (one
-process; under the real `deepspeed` launcher with 2 processes, then stm-analyze, in the slow
-test), then shown by stm-report."""
+process), then evaluated, analysed and shown by stm-report, each finding the mixer through the
+recipe. Both ranks of a `deepspeed` launch: tests/engine/test_matrix.py."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -125,12 +124,6 @@ def digits(tmp_path_factory):
     return str(root / "shards")
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env() -> dict:
     env = dict(os.environ, PATH=BIN + os.pathsep + os.environ.get("PATH", ""), DS_ACCELERATOR="cpu",
                OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -151,8 +144,12 @@ def _train_and_report(launch: list, digits, tmp_path, analyse: bool = False):
     train = [x for x in rows if x.get("kind") == "train"]
     assert [x["step"] for x in train][-1] == 2 and all(x["loss"] == x["loss"] for x in train)
     assert any(x.get("kind") == "eval" and x.get("top1") is not None for x in rows)
-    extra, evaluation = [], None
+    extra = []
     # stm-analyze and stm-eval find the mixer in the recipe beside the checkpoint (no STM_MIXER_MODULES).
+    # stm-eval runs beside the analysis and the report (neither reads what the other writes).
+    evaluation = start([sys.executable, "-m", "stm_dist.cli.eval", "--model", "unified_pool_micro",
+                        "--checkpoint", str(run / "best.pth"), "--data", digits, "--img-size", "32",
+                        "--num-threads", "1", "--json", str(tmp_path / "eval.json")], cwd=REPO, env=_env())
     if analyse:
         an = tmp_path / "analyses" / "unified_pool_micro"
         r = subprocess.run([sys.executable, "-m", "stm_dist.cli.analyze", "erf", "--model", "unified_pool_micro",
@@ -161,19 +158,14 @@ def _train_and_report(launch: list, digits, tmp_path, analyse: bool = False):
                            env=_env(), capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         extra = ["--analyses", str(tmp_path / "analyses")]
-    else:  # stm-eval beside stm-report (neither reads what the other writes; each is mostly imports, on one core)
-        evaluation = start([sys.executable, "-m", "stm_dist.cli.eval", "--model", "unified_pool_micro",
-                            "--checkpoint", str(run / "best.pth"), "--data", digits, "--img-size", "32",
-                            "--num-threads", "1", "--json", str(tmp_path / "eval.json")], cwd=REPO, env=_env())
     # stm-report in a fresh process: the mixer comes from the run's saved config.
     out = tmp_path / "report"
     r = subprocess.run([sys.executable, "-m", "stm_dist.cli.report", str(tmp_path / "runs"), "-o", str(out), *extra],
                        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
-    if evaluation is not None:
-        e = finish(evaluation)
-        assert e.returncode == 0, e.stdout[-3000:] + e.stderr[-3000:]
-        best = json.loads((run / "best.pth.json").read_text())
-        assert json.loads((tmp_path / "eval.json").read_text())["top1"] == best["top1"]
+    e = finish(evaluation)
+    assert e.returncode == 0, e.stdout[-3000:] + e.stderr[-3000:]
+    best = json.loads((run / "best.pth.json").read_text())
+    assert json.loads((tmp_path / "eval.json").read_text())["top1"] == best["top1"]
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     md = (out / "report.md").read_text()
     if analyse:
@@ -186,16 +178,12 @@ def _train_and_report(launch: list, digits, tmp_path, analyse: bool = False):
     return r
 
 
-def test_pool_mixer_trains_through_stm_train_and_shows_in_the_report(pool, digits, tmp_path):
-    """One plain stm-train process (the launcher's start-up costs 20-70 s on the loaded 2-core
-    box), then stm-report."""
-    _train_and_report([sys.executable, "-m", "stm_dist.cli.train"], digits, tmp_path)
-
-
 @pytest.mark.slow
-def test_pool_mixer_reaches_both_ranks_under_deepspeed_and_the_analyses(pool, digits, tmp_path):
-    _train_and_report([os.path.join(BIN, "deepspeed"), "--num_accelerators", "2", "--master_port", str(_port()),
-                       "--module", "stm_dist.cli.train"], digits, tmp_path, analyse=True)
+def test_pool_mixer_trains_evaluates_and_shows_in_the_analyses_and_report(pool, digits, tmp_path):
+    """One plain stm-train process, then stm-eval, stm-analyze and stm-report, each a fresh
+    process finding the mixer through the recipe. (Both ranks of a `deepspeed` launch loading it
+    through model.mixer_module, under every ZeRO stage: tests/engine/test_matrix.py.)"""
+    _train_and_report([sys.executable, "-m", "stm_dist.cli.train"], digits, tmp_path, analyse=True)
 
 
 def test_report_table_puts_a_registered_mixer_next_to_the_five():
