@@ -14,11 +14,12 @@ DS_ACCEL ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' 2>/dev/null)
 PYTEST_ARGS ?=
 
-.PHONY: demo compare test env clean-venv lock help gpu-bundle
+.PHONY: demo compare demo-detection test env clean-venv lock help gpu-bundle
 
 help:
 	@echo "make demo   - the main job end to end on the embedded real data set"
 	@echo "make compare - the five micro mixers trained, analysed and compared on the same data"
+	@echo "make demo-detection - Mask R-CNN fine-tuned from the demo's weights on digits pasted on photos (COCO AP)"
 	@echo "make test   - the test suite (pytest)"
 	@echo "make env    - stm-env report"
 	@echo "make gpu-bundle - DeepSpeed sdist + missing wheels for the lent GPU machine (tools/gpu_check.sh)"
@@ -51,6 +52,10 @@ demo: $(VENV)/.pkg
 
 compare: $(VENV)/.pkg
 	$(PY) -m stm_dist.cli.demo --compare
+
+# Runs `make demo` first when its export (runs/demo/model.pth) is missing.
+demo-detection: $(VENV)/.pkg
+	$(PY) -m stm_dist.cli.demo_detection
 
 # Regenerate the lock from the current venv (after deliberately changing a version).
 lock:
