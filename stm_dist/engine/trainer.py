@@ -57,16 +57,18 @@ class Trainer:
         t = cfg.train
         self.accum = ds_setup.grad_accum_steps(t.global_batch, t.micro_batch, self.world)
         self.num_train = int(read_manifest(cfg.data.train_shards, "train")["num_samples"])
-        self.iters_per_epoch = steps_per_epoch(self.num_train, t.global_batch)
-        if self.iters_per_epoch == 0:
+        if steps_per_epoch(self.num_train, t.global_batch) == 0:
             raise config_mod.ConfigError(
                 f"'train.global_batch' ({t.global_batch}) is larger than the training set "
                 f"({self.num_train} samples in {cfg.data.train_shards})")
+        self.feed = DataFeed(cfg, self.rank, self.accum, "cuda" if on_cuda else "cpu", self.run_dir, self.task)
+        # The loop's epochs end where the loader's plan does: a grouped plan (detection's aspect
+        # groups) drops each group's remainder, so it can be shorter than num_train // global_batch.
+        self.iters_per_epoch = len(self.feed.loader)
         self.sched = Schedules(cfg.optim, cfg.schedule, self.iters_per_epoch)
         self.total_steps = self.sched.total_steps
         if cfg.schedule.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.schedule.max_steps)
-        self.feed = DataFeed(cfg, self.rank, self.accum, "cuda" if on_cuda else "cpu", self.run_dir, self.task)
 
         seed_all(t.seed)  # identical initial weights on every rank
         channels_last = on_cuda if t.channels_last is None else t.channels_last
