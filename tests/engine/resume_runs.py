@@ -6,7 +6,7 @@ import signal
 import subprocess
 import time
 
-from engine_launch import env, records, train_cmd, REPO
+from engine_launch import DIGITS, env, records, train_cmd, REPO
 
 TRAIN_SAMPLES = 96  # 6 steps of global batch 16 per epoch
 
@@ -35,11 +35,11 @@ def complete(run_dir: str, step: int) -> bool:
     return os.path.isfile(os.path.join(run_dir, "checkpoints", f"step{step:09d}", "COMPLETE"))
 
 
-def run_and_kill_when(procs, run_dir, shards, condition, extra=(), timeout=600):
+def run_and_kill_when(procs, run_dir, shards, condition, extra=(), timeout=600, recipe=DIGITS):
     """Start training; SIGKILL the whole launcher process group as soon as `condition(run_dir)`
     holds (polled every 20 ms). Returns the run's metrics records at the moment of the kill."""
     log = open(run_dir.rstrip("/") + ".killed.log", "a")
-    p = subprocess.Popen(train_cmd(procs, run_dir, shards, extra), env=env(), cwd=REPO, stdout=log,
+    p = subprocess.Popen(train_cmd(procs, run_dir, shards, extra, recipe), env=env(), cwd=REPO, stdout=log,
                          stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + timeout
     try:

@@ -1,0 +1,217 @@
+"""Detection through the one training engine (issue 21, Must show), under the real `deepspeed`
+launcher with 2 CPU processes: Mask R-CNN on a micro backbone learns under ZeRO 2 and ZeRO 3
+with bf16 (its loss falls, the COCO evaluation is recorded, best.pth is written); a ZeRO 2 run
+SIGKILLed mid-epoch and restarted gives the uninterrupted run's losses bit for bit; a ZeRO 3
+run continued from one of its mid-epoch checkpoints does too, across an epoch end; the epochs
+follow the aspect-grouped plan (each global batch one orientation, no sample twice an epoch).
+
+Cheap on purpose: 24 demo-coco images of 128-192 px at short side 128, slim heads, 10 steps.
+"""
+import json
+import os
+import re
+import subprocess
+
+import pytest
+import torch
+
+from engine_launch import REPO, env, records, run_train, train_cmd, train_records
+from resume_runs import run_and_kill_when
+
+pytestmark = pytest.mark.slow
+
+TRAIN_IMAGES, VAL_IMAGES = 24, 4
+GLOBAL_BATCH = 4
+EPOCHS = 2
+# The demo recipe cut to test size; every key the tests depend on is set here.
+DET = (os.path.join(REPO, "configs", "detection", "demo_coco.yaml"), [
+    "model.name=unified_convnext_micro", "model.task=detection", "model.num_classes=10",
+    "model.drop_path_rate=0.0", "detection.short_sides=[128]", "detection.max_size=192", "detection.head=slim",
+    "detection.flip_prob=0.5", "data.backend=dali", "data.num_threads=1", "data.eval_batch=2",
+    "data.record_keys=true", f"train.global_batch={GLOBAL_BATCH}", "train.micro_batch=2", "train.seed=0",
+    "train.ema=false", "train.log_every=1", f"train.eval_every_epochs={EPOCHS}", "optim.lr=2e-4",
+    "optim.warmup_init_lr=2e-7", "optim.clip_grad=0.0", "schedule.kind=step", f"schedule.epochs={EPOCHS}",
+    "schedule.milestones=[]", "schedule.warmup_steps=3", "checkpoint.every_steps=2",
+    "checkpoint.every_epochs=1", "checkpoint.keep_last=10"])
+KILL_AT, RESUME_AT = 9, 8  # the ZeRO 2 run dies once step 9 is logged: mid-epoch, after the step-8 checkpoint
+BRANCH_AT = 4  # the ZeRO 3 continuation starts from this mid-epoch checkpoint of the reference
+
+
+def zero(stage: int) -> str:
+    return f"deepspeed.config=ds_configs/zero{stage}_bf16.json"
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """demo-coco (digits on photographs) as shards: both orientations, so two aspect groups."""
+    from data_tools.demo_coco import write_demo_coco
+    from data_tools.writer import create_shards
+
+    root = tmp_path_factory.mktemp("det_shards")
+    write_demo_coco(str(root / "coco"), train_images=TRAIN_IMAGES, val_images=VAL_IMAGES, seed=0, min_digits=1,
+                    max_digits=3, digit_sizes=(24, 64), canvas_sizes=(128, 192))
+    for split in ("train", "val"):
+        create_shards(str(root / "coco"), split, str(root / "shards"), samples_per_shard=100, progress=False)
+    return str(root / "shards")
+
+
+def plan_steps(shards_dir) -> tuple[int, dict]:
+    """Steps per epoch of the aspect-grouped plan (each group's remainder dropped), and each
+    train image's group by file name stem, the part of a shard key after its "_" (0: width >=
+    height)."""
+    with open(os.path.join(shards_dir, "train_annotations.json")) as f:
+        images = json.load(f)["images"]
+    group = {im["file_name"].split(".")[0]: int(im["width"] < im["height"]) for im in images}
+    counts = [list(group.values()).count(g) for g in (0, 1)]
+    assert min(counts) >= GLOBAL_BATCH, counts  # both groups make batches: the plan mixes them
+    return sum(c // GLOBAL_BATCH for c in counts), group
+
+
+def start(run_dir, shards_dir, extra):
+    log = open(run_dir + ".log", "w")
+    p = subprocess.Popen(train_cmd(2, run_dir, shards_dir, extra, DET), env=env(), cwd=REPO, stdout=log,
+                         stderr=subprocess.STDOUT)
+    return p, log
+
+
+def wait(p, log, timeout=900):
+    try:
+        code = p.wait(timeout=timeout)
+    finally:
+        log.close()
+    if code != 0:
+        with open(log.name) as f:
+            raise AssertionError(f"training failed (exit {code}), {log.name}:\n{f.read()[-5000:]}")
+
+
+@pytest.fixture(scope="module")
+def references(shards, tmp_path_factory):
+    """The uninterrupted ZeRO 2 and ZeRO 3 runs, launched side by side."""
+    root = tmp_path_factory.mktemp("det_runs")
+    runs = {s: str(root / f"ref_zero{s}") for s in (2, 3)}
+    started = {s: start(runs[s], shards, [zero(s)]) for s in runs}
+    for s in runs:
+        wait(*started[s])
+    return runs
+
+
+@pytest.fixture(scope="module")
+def continued(shards, references, tmp_path_factory):
+    """ZeRO 2: a run SIGKILLed once step KILL_AT is logged, then restarted; ZeRO 3: a new run
+    started from the reference's step-BRANCH_AT checkpoint (run.resume_from), beside it."""
+    root = tmp_path_factory.mktemp("det_continued")
+    killed, branch = str(root / "killed_zero2"), str(root / "branch_zero3")
+    source = os.path.join(references[3], "checkpoints", f"step{BRANCH_AT:09d}")
+    branching = start(branch, shards, [zero(3), f"run.resume_from={source}"])
+    seen = run_and_kill_when(2, killed, shards, lambda d: max((r["step"] for r in train_records(d)), default=0)
+                             >= KILL_AT, [zero(2)], recipe=DET)
+    wait(*branching)
+    run_train(2, killed, shards, [zero(2)], recipe=DET)
+    return {"killed": killed, "seen": seen, "branch": branch}
+
+
+def losses(run):
+    """step -> loss of the last time the step ran."""
+    return {r["step"]: r["loss"] for r in train_records(run)}
+
+
+def step_keys(run):
+    """step -> the global batch's sample keys (the last time the step ran)."""
+    parts = {}
+    for rank in (0, 1):
+        with open(os.path.join(run, f"sample_keys_rank{rank}.jsonl")) as f:
+            for line in f:
+                r = json.loads(line)
+                parts[(r["step"], r["rank"], r["micro"])] = r["keys"]
+    out = {}
+    for (step, _, _), keys in sorted(parts.items()):
+        out.setdefault(step, []).extend(keys)
+    return out
+
+
+def log_text(run):
+    with open(os.path.join(run, "train.log")) as f:
+        return f.read()
+
+
+def assert_same_weights(a, b):
+    sa, sb = torch.load(a, map_location="cpu"), torch.load(b, map_location="cpu")
+    assert set(sa) == set(sb)
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), f"{k} differs between {a} and {b}"
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_detector_trains_and_its_loss_falls(stage, references, shards):
+    run = references[stage]
+    steps, group = plan_steps(shards)
+    total = EPOCHS * steps
+    recs = train_records(run)
+    assert [r["step"] for r in recs] == list(range(1, total + 1)), f"ZeRO {stage}"
+    # The trainer's epochs are the plan's: `steps` steps each, every global batch of one
+    # orientation, no image twice in an epoch.
+    assert [r["epoch"] for r in recs] == [e for e in range(EPOCHS) for _ in range(steps)]
+    keys = step_keys(run)
+    assert sorted(keys) == list(range(1, total + 1))
+    for step, batch in keys.items():
+        assert len(batch) == GLOBAL_BATCH and len({group[k.split("_")[-1]] for k in batch}) == 1, (step, batch)
+    for e in range(EPOCHS):
+        seen = [k for s in range(e * steps + 1, (e + 1) * steps + 1) for k in keys[s]]
+        assert len(seen) == len(set(seen)), f"epoch {e} repeats images: {sorted(seen)}"
+
+    # It learns: the mean loss of the last 3 steps well below that of the first 3 (lr 0 gives a
+    # ratio near 1: the batches differ, the weights do not).
+    loss = [r["loss"] for r in recs]
+    first, last = sum(loss[:3]) / 3, sum(loss[-3:]) / 3
+    assert all(v == v and v > 0 for v in loss), loss
+    assert last < 0.6 * first, f"ZeRO {stage}: loss did not fall: {loss}"
+    assert re.search(rf"2 process\(es\), ZeRO {stage}( \(fetch unit \w+\))?, bf16,", log_text(run)), stage
+
+    # The evaluation at the end: COCO box and mask AP of the whole val split, best.pth by box AP.
+    evals = [r for r in records(run) if r["kind"] == "eval"]
+    assert [e["step"] for e in evals] == [total], evals
+    for k in ("bbox_AP", "segm_AP", "bbox_AP50", "segm_AP50"):
+        assert isinstance(evals[0][k], float) and 0.0 <= evals[0][k] <= 100.0, (k, evals[0])
+    with open(os.path.join(run, "best.pth.json")) as f:
+        best = json.load(f)
+    assert best["step"] == total and best["bbox_AP"] == evals[0]["bbox_AP"], best
+    weights = torch.load(os.path.join(run, "best.pth"), map_location="cpu")
+    assert any(k.startswith("backbone.") for k in weights) and any(k.startswith("roi_heads.") for k in weights)
+    assert all(v.dtype == torch.float32 for v in weights.values() if v.is_floating_point())
+    for kind in ("bbox", "segm"):  # the COCO results JSON of the evaluation
+        with open(os.path.join(run, "eval", f"step{total}_{kind}.json")) as f:
+            assert isinstance(json.load(f), list)
+
+
+def test_zero2_sigkill_mid_epoch_then_restart_is_bit_identical(references, continued, shards):
+    ref, run = references[2], continued["killed"]
+    steps, _ = plan_steps(shards)
+    assert RESUME_AT % steps, "the kill must come mid-epoch"
+    assert max(r["step"] for r in continued["seen"] if r["kind"] == "train") == KILL_AT
+    assert f"resumed from {run}/checkpoints/step{RESUME_AT:09d}" in log_text(run)
+    ref_losses, ran = losses(ref), train_records(run)
+    # Steps RESUME_AT+1 .. KILL_AT ran twice: every time, on the same images, with the same loss.
+    assert sorted(r["step"] for r in ran) == sorted(list(range(1, EPOCHS * steps + 1))
+                                                     + list(range(RESUME_AT + 1, KILL_AT + 1)))
+    for r in ran:
+        assert r["loss"] == ref_losses[r["step"]], f"step {r['step']}: loss differs after the restart"
+    assert step_keys(run) == step_keys(ref)
+    evals = [r for r in records(run) if r["kind"] == "eval"]
+    ref_eval = [r for r in records(ref) if r["kind"] == "eval"]
+    assert [{k: v for k, v in e.items() if k != "time"} for e in evals] == \
+           [{k: v for k, v in e.items() if k != "time"} for e in ref_eval]
+    assert_same_weights(os.path.join(run, "best.pth"), os.path.join(ref, "best.pth"))
+
+
+def test_zero3_continues_from_a_mid_epoch_checkpoint_bit_identically(references, continued, shards):
+    ref, run = references[3], continued["branch"]
+    steps, _ = plan_steps(shards)
+    assert BRANCH_AT < steps, "the branch must start mid-epoch and cross an epoch end"
+    assert f"resumed from {ref}/checkpoints/step{BRANCH_AT:09d}" in log_text(run)
+    ref_losses, got = losses(ref), losses(run)
+    assert sorted(got) == list(range(BRANCH_AT + 1, EPOCHS * steps + 1))
+    for step, loss in got.items():
+        assert loss == ref_losses[step], f"step {step}: loss differs from the uninterrupted run"
+    ref_keys = step_keys(ref)
+    assert step_keys(run) == {s: ref_keys[s] for s in got}
+    assert_same_weights(os.path.join(run, "best.pth"), os.path.join(ref, "best.pth"))
