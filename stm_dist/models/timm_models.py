@@ -77,7 +77,8 @@ def _construct(create_model, canonical: str, output_stride: int = 32, **kwargs):
 def _weights_overlay(overlay: dict, kwargs: dict) -> dict:
     """The caller's pretrained_cfg_overlay completed from the weights it names: a local file's
     data config (input size, crop, mean/std, class count) and, when the caller gives no
-    num_classes, the weights' class count; our loader reads the file (custom_load)."""
+    num_classes / img_size, the weights' class count and input size (set in `kwargs`); our
+    loader reads the file (custom_load)."""
     from .weights_file import DATA_KEYS, describe
 
     given = dict(overlay)
@@ -95,6 +96,10 @@ def _weights_overlay(overlay: dict, kwargs: dict) -> dict:
         found = {} if rows is None else {"num_classes": rows}
     if "num_classes" in kwargs:  # the caller's class count: the file's head is replaced if it differs
         found.pop("num_classes", None)
+    if "img_size" not in kwargs and found.get("input_size"):
+        # Swin's windows and relative-position tables, PVT's position embedding and DCNv3's
+        # sampling grid are built for an input size: the one the weights were trained at.
+        kwargs["img_size"] = tuple(int(v) for v in found["input_size"][-2:])
     if any(given.get(k) for k in ("file", "url", "hf_hub_id", "hf_hub_filename")):
         # timm resets custom_load for an overlaid source; our loader reads every source.
         given.setdefault("custom_load", True)

@@ -47,6 +47,25 @@ def test_timm_takes_input_size_crop_and_classes_from_the_file(files, fmt):
     assert timm.data.resolve_data_config({}, model=m)["crop_pct"] == 1.0
 
 
+def test_the_model_is_built_for_the_files_input_size(tmp_path):
+    """Swin's windows and relative-position tables depend on the input size: a 32-px file must
+    give a model built at 32 px (a 224-px one would load resized tables, silently other logits)."""
+    torch.manual_seed(0)
+    src = create_model("unified_swin_micro", num_classes=10, img_size=32, layer_scale_init_value=1.0).eval()
+    path = str(tmp_path / "swin32.safetensors")
+    from stm_dist.engine.export import pretrained_cfg, write
+
+    sd = {k: v.detach().clone().contiguous() for k, v in src.state_dict().items()}
+    run_cfg = {"model": {"img_size": 32, "num_classes": 10}}
+    write(sd, path, {"model": "unified_swin_micro", "pretrained_cfg": pretrained_cfg("unified_swin_micro", sd, run_cfg),
+                     "source": "test", "step": 1, "ema": False}, "safetensors")
+    m = timm.create_model("unified_swin_micro", pretrained=True, pretrained_cfg_overlay=dict(file=path)).eval()
+    assert m.img_size == (32, 32)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(m(x), src(x))
+
+
 def test_a_replaced_head_is_a_warning_naming_both_counts(files, caplog):
     src, paths = files
     with caplog.at_level(logging.WARNING):
