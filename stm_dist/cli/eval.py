@@ -1,5 +1,6 @@
-"""stm-eval: top-1/top-5 of a model on a shard set; every validation image counted exactly once
-across ranks (run it plainly, or under `deepspeed` / `torchrun` to split the set).
+"""stm-eval: top-1/top-5 of a model, or COCO box/mask AP of a detector, on a shard set; every
+validation image counted exactly once across ranks (run it plainly, or under `deepspeed` /
+`torchrun` to split the set).
 
     stm-eval --model unified_swin_tiny --checkpoint swin_t.pth --data shards/
     --checkpoint accepts our exports, a run directory / checkpoint folder (consolidated on the fly)
@@ -7,6 +8,16 @@ across ranks (run it plainly, or under `deepspeed` / `torchrun` to split the set
 
 The input size and crop are the checkpoint's (an export's pretrained_cfg, a run directory's
 config) unless --img-size / --crop-pct are given; the first line printed says which were used.
+
+Detection (Mask R-CNN; --task detection, or found from the checkpoint: a detection run, a
+detector export, a file of detector tensors):
+    stm-eval --model unified_swin_tiny --checkpoint runs/mask_rcnn_unified_swin_tiny_1x --data coco/
+    stm-eval --model unified_swin_tiny --checkpoint mask_rcnn_unified_swin_tiny_1x.pth --data coco/ --mmdet
+    torchrun --nproc_per_node 8 -m stm_dist.cli.eval ...   (every image once across the 8 ranks)
+The paper's released mmdet files are recognised by their keys and evaluated with mmdet 2.x's
+inference numerics (--mmdet asks for those with any weights). Head, class count and input scale
+come from the weights and the run's config (else 1333x800); --out DIR receives eval.json (box and
+mask AP, the paths below) and the COCO results JSON <split>_bbox.json / <split>_segm.json.
 """
 import argparse
 import json
@@ -26,12 +37,21 @@ def build_parser():
                    help="input size (default: the checkpoint's: an export's pretrained_cfg, a run's config; else 224)")
     p.add_argument("--crop-pct", type=float, default=None,
                    help="centre-crop fraction (default: the checkpoint's, as --img-size; else 0.875)")
-    p.add_argument("--batch", type=int, default=256, help="per-process batch size")
+    p.add_argument("--batch", type=int, default=None, help="per-process batch size (default 256; detection 2)")
     p.add_argument("--num-classes", type=int, default=None, help="default: the shard manifest's class count")
     p.add_argument("--label-map", default=None, help="file of class indices when the head has more classes")
     p.add_argument("--backend", default="dali", choices=["dali", "pil"])
     p.add_argument("--num-threads", type=int, default=2)
     p.add_argument("--json", default=None, help="also write the result to this JSON file")
+    det = p.add_argument_group("detection")
+    det.add_argument("--task", choices=["classification", "detection"], default=None,
+                     help="default: detection for a detection run, a detector export or detector tensors")
+    det.add_argument("--mmdet", action="store_true",
+                     help="mmdet 2.x inference numerics (mask pasting; implied for the paper's released mmdet files)")
+    det.add_argument("--out", default=None,
+                     help="folder for eval.json and the COCO results JSON (default ./eval_<checkpoint>_<split>)")
+    det.add_argument("--short-side", type=int, default=None, help="test scale's short side (default: the run's, else 800)")
+    det.add_argument("--max-size", type=int, default=None, help="test scale's long-side cap (default: the run's, else 1333)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
@@ -106,7 +126,7 @@ def run(args) -> dict:
     load_pretrained(model, _state_dict(args), label_map=args.label_map,
                     use_ema=args.ema and not os.path.isdir(args.checkpoint))
     model.to(device).float()
-    loader = build_val_loader(args.data, args.batch, rank=rank, world_size=world, img_size=img_size,
+    loader = build_val_loader(args.data, args.batch or 256, rank=rank, world_size=world, img_size=img_size,
                               crop_pct=crop_pct, device="cuda" if device.type == "cuda" else "cpu",
                               num_threads=args.num_threads, backend=args.backend)
     with torch.no_grad():
@@ -118,7 +138,12 @@ def run(args) -> dict:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from stm_dist.cli.eval_detection import main_detection
+    from stm_dist.engine.detection_weights import guess_task
     from stm_dist.engine.distributed import finish
+
+    if (args.task or guess_task(args.checkpoint, warn=lambda m: None)) == "detection":
+        return main_detection(args)
 
     try:
         r = run(args)

@@ -13,6 +13,13 @@ the input size, crop and class count from the file):
 The ONNX graph takes (N, 3, H, W) images at the weights' input size, N dynamic, and returns the
 logits; it is written only when onnxruntime agrees with the eager model (max |diff| <= 1e-4 at
 two batch sizes), unless --no-check. Files get the mode the umask gives new files.
+
+Detection runs (model.task=detection) and detector files export the whole Mask R-CNN (fp32, our
+key layout; model name and the detector's description: head, classes, test scale), which
+stm-eval evaluates and model.pretrained takes the backbone from; --mmdet writes the mmdet 2.x
+layout of the paper's released detectors instead:
+    stm-export runs/mask_rcnn_swin_t -o mask_rcnn_swin_t.pth
+    stm-export runs/mask_rcnn_swin_t --mmdet -o mask_rcnn_unified_swin_tiny_1x.pth
 """
 import argparse
 import sys
@@ -33,7 +40,27 @@ def build_parser():
                    help="write the ONNX graph without comparing onnxruntime's logits with the eager model's")
     p.add_argument("--model", default=None,
                    help="registered model name, for a weights file that does not name its model (a bare state dict)")
+    p.add_argument("--mmdet", action="store_true",
+                   help="detection: write the mmdet 2.x layout of the paper's released detectors (.pth)")
     return p
+
+
+def _export_detector(args, warn) -> int:
+    from stm_dist.engine.detection_weights import export_detector
+
+    if args.onnx:
+        print("stm-export: --onnx exports classification models; this is a detector", file=sys.stderr)
+        return 1
+    if not args.output:
+        print("stm-export: give -o OUT.pth (or .safetensors) for the detector's weights", file=sys.stderr)
+        return 1
+    info = export_detector(args.run, args.output, ema=args.ema, mmdet=args.mmdet, fmt=args.format, warn=warn,
+                           model=args.model)
+    d = info["detector"]
+    print(f"wrote {args.output} ({info['format']}, {info['layout']} layout; {'EMA' if args.ema else 'trained'} "
+          f"Mask R-CNN weights ({d['head']} head, {d['num_classes']} classes) on {info['model']}, "
+          f"step {info['step']}, from {info['source']})", flush=True)
+    return 0
 
 
 def main(argv=None) -> int:
@@ -47,6 +74,10 @@ def main(argv=None) -> int:
         print(f"stm-export: {msg}", file=sys.stderr)
 
     try:
+        from stm_dist.engine.detection_weights import guess_task
+
+        if args.mmdet or guess_task(args.run, warn=lambda m: None) == "detection":
+            return _export_detector(args, warn)
         fmt = format_for(args.output, args.format) if args.output else None
         sd, info = load_source(args.run, ema=args.ema, warn=warn, model=args.model)
         what = f"{'EMA' if args.ema else 'trained'} weights of {info['model']}, step {info['step']}, from {info['source']}"

@@ -112,14 +112,24 @@ class DetectionTask:
         return sum(v.float() for v in losses.values())
 
     # ------------------------------------------------------------------ evaluation
-    def val_loader(self, rank: int, world: int, on_cuda: bool):
+    def val_loader(self, rank: int, world: int, on_cuda: bool, split: str = "val"):
         from stm_dist.detection.loader import build_det_val_loader
 
         c, det = self.cfg, self.cfg.detection
         return build_det_val_loader(c.data.val_shards, c.data.eval_batch, rank=rank, world_size=world,
                                     scale=max(self._scales(), key=lambda s: s[1]), size_divisor=det.size_divisor,
                                     device="cuda" if on_cuda else "cpu", num_threads=c.data.num_threads,
-                                    dont_use_mmap=c.data.dont_use_mmap, with_masks=False, backend=c.data.backend)
+                                    dont_use_mmap=c.data.dont_use_mmap, with_masks=False, backend=c.data.backend,
+                                    split=split)
+
+    def annotations(self, loader) -> str:
+        """The COCO ground-truth file of the loader's split (written beside the shards)."""
+        return os.path.join(self.cfg.data.val_shards, loader.manifest["annotations"])
+
+    @staticmethod
+    def results_files(out_dir: str, stem: str) -> dict:
+        """{"bbox": path, "segm": path}: where evaluate() writes the COCO results JSON."""
+        return {kind: os.path.join(out_dir, f"{stem}_{kind}.json") for kind in ("bbox", "segm")}
 
     @torch.no_grad()
     def predict(self, model, loader, device) -> tuple[list, list, int]:
@@ -139,10 +149,12 @@ class DetectionTask:
         model.train(was_training)
         return bbox, segm, n
 
-    def evaluate(self, model, loader, device, out_dir=None, step: int = 0, suffix: str = "") -> dict:
+    def evaluate(self, model, loader, device, out_dir=None, step: int = 0, suffix: str = "",
+                 stem: str | None = None) -> dict:
         """COCO box and mask AP of `model` over the whole split: each rank predicts its slice,
         rank 0 scores all results with pycocotools (and writes them as COCO results JSON to
-        `out_dir`), every rank returns the same numbers."""
+        `out_dir`: results_files(out_dir, stem), stem step<step><suffix> unless given), every
+        rank returns the same numbers."""
         from stm_dist.detection.coco_eval import coco_evaluate
 
         bbox, segm, n = self.predict(model, loader, device)
@@ -155,8 +167,7 @@ class DetectionTask:
             expected = int(loader.manifest["num_samples"])
             if seen != expected:
                 raise RuntimeError(f"evaluation saw {seen} images over all ranks, the split has {expected}")
-            gt = os.path.join(self.cfg.data.val_shards, loader.manifest["annotations"])
-            metrics = coco_evaluate(gt, bbox, segm, log=lambda *a: None)
+            metrics = coco_evaluate(self.annotations(loader), bbox, segm, log=lambda *a: None)
             results = {"bbox_AP": metrics["bbox_AP"], "segm_AP": metrics["segm_AP"]}
             for kind in ("bbox", "segm"):
                 for stat in ("AP50", "AP75"):
@@ -164,8 +175,9 @@ class DetectionTask:
                         results[f"{kind}_{stat}"] = metrics[kind][stat]
             if out_dir:
                 os.makedirs(out_dir, exist_ok=True)
+                paths = self.results_files(out_dir, stem or f"step{step}{suffix}")
                 for kind, res in (("bbox", bbox), ("segm", segm)):
-                    path = os.path.join(out_dir, f"step{step}{suffix}_{kind}.json")
+                    path = paths[kind]
                     with open(path + ".tmp", "w") as f:
                         json.dump(res, f)
                     os.replace(path + ".tmp", path)
