@@ -150,8 +150,9 @@ def write(sd: dict, out_path: str, info: dict, fmt: str):
 def recorded_input(path: str, warn=print) -> dict:
     """What a checkpoint records about the data its weights expect: {'img_size', 'crop_pct',
     'num_classes'} (those it knows) and 'source' (where they were read). A weights file: its
-    pretrained_cfg (stm-export's metadata, the .pth container or the sidecar .json); a run
-    directory or checkpoint folder: the config of the run that trained it."""
+    pretrained_cfg (stm-export's metadata, the .pth container or the sidecar .json), for a
+    best.pth / best_ema.pth the config of its run beside it; a run directory or checkpoint
+    folder: the config of the run that trained it."""
     out: dict = {}
     if os.path.isdir(path):
         ckpt_dir, tag, _ = locate(path, warn=warn)
@@ -168,8 +169,32 @@ def recorded_input(path: str, warn=print) -> dict:
         found = {"img_size": int(size[-1]) if isinstance(size, (list, tuple)) and size else None,
                  "crop_pct": cfg.get("crop_pct"), "num_classes": cfg.get("num_classes")}
         out["source"] = f"{os.path.basename(path)}'s pretrained_cfg"
+        if found["img_size"] is None:
+            run_cfg = _best_run_config(path)
+            if run_cfg:
+                model, data = run_cfg.get("model") or {}, run_cfg.get("data") or {}
+                found = {"img_size": model.get("img_size"), "crop_pct": data.get("crop_pct"),
+                         "num_classes": found["num_classes"] or model.get("num_classes")}
+                out["source"] = f"the run config beside {os.path.basename(path)}"
     out.update({k: v for k, v in found.items() if v is not None})
     return out
+
+
+def _best_run_config(path: str) -> dict:
+    """The config of the run a best.pth / best_ema.pth belongs to (its config.yaml sits beside
+    it; the sidecar names the kind and the model), else {}."""
+    import yaml
+
+    try:
+        with open(path + ".json") as f:
+            side = json.load(f)
+        with open(os.path.join(os.path.dirname(os.path.abspath(path)), "config.yaml")) as f:
+            run_cfg = yaml.safe_load(f) or {}
+    except (OSError, ValueError, yaml.YAMLError):
+        return {}
+    if not (isinstance(side, dict) and str(side.get("kind", "")).startswith("best") and isinstance(run_cfg, dict)):
+        return {}
+    return run_cfg if (run_cfg.get("model") or {}).get("name") == side.get("model") else {}
 
 
 def read_info(path: str) -> dict:

@@ -41,3 +41,23 @@ def test_stm_eval_uses_and_prints_the_files_input_config(digits_shards, tmp_path
     assert "img_size 32, crop_pct 0.9 (from demo.safetensors" in said, said
     assert "num_classes 10 (the shard manifest)" in said, said
     assert "img_size 32 (--img-size), crop_pct 0.9 (--crop-pct)" in done["flags"].stdout, done["flags"].stdout
+
+
+def test_a_best_pth_takes_the_input_config_of_its_run(tmp_path):
+    """best.pth records no input size; the run's config.yaml beside it does."""
+    import os
+    from types import SimpleNamespace
+
+    from stm_dist.engine.config import dump, load
+    from stm_dist.engine.export import recorded_input
+    from stm_dist.engine.run_eval import BestCheckpoints
+    from stm_dist.models import create_model
+
+    cfg = load(os.path.join(REPO, "configs", "demo_digits.yaml"),
+               [f"model.name={MODEL}", "model.img_size=48", "data.crop_pct=0.8", "model.num_classes=10"])
+    dump(cfg, str(tmp_path / "config.yaml"))
+    best = BestCheckpoints(str(tmp_path), 0, MODEL, SimpleNamespace(best={}), start_step=0, log=lambda m: None)
+    best.offer("", create_model(MODEL, num_classes=10, img_size=48), {"top1": 50.0, "step": 1, "epoch": 0})
+    r = recorded_input(str(tmp_path / "best.pth"))
+    assert (r["img_size"], r["crop_pct"], r["num_classes"]) == (48, 0.8, 10), r
+    assert r["source"] == "the run config beside best.pth"
