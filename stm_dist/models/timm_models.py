@@ -79,7 +79,7 @@ def _weights_overlay(overlay: dict, kwargs: dict) -> dict:
     data config (input size, crop, mean/std, class count) and, when the caller gives no
     num_classes / img_size, the weights' class count and input size (set in `kwargs`); our
     loader reads the file (custom_load)."""
-    from .weights_file import DATA_KEYS, describe
+    from .weights_file import DATA_KEYS, classifier_rows, describe
 
     given = dict(overlay)
     found = {}
@@ -88,11 +88,9 @@ def _weights_overlay(overlay: dict, kwargs: dict) -> dict:
         # JSON gave lists; timm's cfg holds tuples (resolve_data_config returns them as they are).
         found = {k: tuple(cfg[k]) if isinstance(cfg[k], list) else cfg[k] for k in DATA_KEYS if cfg.get(k) is not None}
     elif isinstance(overlay.get("state_dict"), dict):
-        from .weights_file import _head_rows
-
         inner = next((overlay["state_dict"][k] for k in ("model", "module", "state_dict")
                       if isinstance(overlay["state_dict"].get(k), dict)), overlay["state_dict"])
-        rows = _head_rows(inner)
+        rows = classifier_rows(inner)
         found = {} if rows is None else {"num_classes": rows}
     if "num_classes" in kwargs:  # the caller's class count: the file's head is replaced if it differs
         found.pop("num_classes", None)

@@ -12,7 +12,7 @@ import struct
 
 import torch
 
-__all__ = ["CheckpointError", "read_file", "describe", "DATA_KEYS"]
+__all__ = ["CheckpointError", "read_file", "describe", "classifier_rows", "DATA_KEYS"]
 
 # The pretrained_cfg entries that describe the weights' data (timm's resolve_data_config and
 # the class count): a file that records them is evaluated and configured with them.
@@ -142,7 +142,9 @@ def read_file(path: str):
     return obj, is_ema, _named_model(obj, {}) or side.get("model")
 
 
-def _head_rows(sd) -> "int | None":
+def classifier_rows(sd) -> "int | None":
+    """The class count of a state dict's classifier (`head.weight` rows, DDP/compile prefixes
+    allowed); None without one."""
     if not isinstance(sd, dict):
         return None
     for prefix in ("", "module.", "_orig_mod.", "module._orig_mod."):
@@ -180,7 +182,7 @@ def describe(path: str) -> dict:
             cfg = obj["pretrained_cfg"]
         inner = next((obj[k] for k in ("model", "module", "state_dict") if isinstance(obj, dict)
                       and isinstance(obj.get(k), dict)), obj)
-        rows = _head_rows(inner)
+        rows = classifier_rows(inner)
         model = _named_model(obj, {})
     cfg = dict(cfg or {})
     if rows is not None:
