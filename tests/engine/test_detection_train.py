@@ -10,12 +10,12 @@ Cheap on purpose: 24 demo-coco images of 128-192 px at short side 128, slim head
 import json
 import os
 import re
-import subprocess
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
-from engine_launch import REPO, env, records, run_train, train_cmd, train_records
+from engine_launch import REPO, case_ok, records, run_cases, run_train, train_records
 from resume_runs import run_and_kill_when
 
 pytestmark = pytest.mark.slow
@@ -67,47 +67,34 @@ def plan_steps(shards_dir) -> tuple[int, dict]:
     return sum(c // GLOBAL_BATCH for c in counts), group
 
 
-def start(run_dir, shards_dir, extra):
-    log = open(run_dir + ".log", "w")
-    p = subprocess.Popen(train_cmd(2, run_dir, shards_dir, extra, DET), env=env(), cwd=REPO, stdout=log,
-                         stderr=subprocess.STDOUT)
-    return p, log
-
-
-def wait(p, log, timeout=900):
-    try:
-        code = p.wait(timeout=timeout)
-    finally:
-        log.close()
-    if code != 0:
-        with open(log.name) as f:
-            raise AssertionError(f"training failed (exit {code}), {log.name}:\n{f.read()[-5000:]}")
-
-
 @pytest.fixture(scope="module")
-def references(shards, tmp_path_factory):
-    """The uninterrupted ZeRO 2 and ZeRO 3 runs, launched side by side."""
-    root = tmp_path_factory.mktemp("det_runs")
-    runs = {s: str(root / f"ref_zero{s}") for s in (2, 3)}
-    started = {s: start(runs[s], shards, [zero(s)]) for s in runs}
-    for s in runs:
-        wait(*started[s])
-    return runs
+def runs(shards, tmp_path_factory):
+    """Two launches side by side. One (cases_worker.py, its start-up paid once) runs the
+    uninterrupted ZeRO 2 and ZeRO 3 runs, then a new ZeRO 3 run started from the latter's
+    step-BRANCH_AT checkpoint (run.resume_from). The other is a ZeRO 2 run SIGKILLed once step
+    KILL_AT is logged, then restarted in the same run directory."""
+    root = str(tmp_path_factory.mktemp("det_runs"))
+    out = {f"ref{s}": os.path.join(root, f"ref_zero{s}") for s in (2, 3)}
+    out.update(branch=os.path.join(root, "branch_zero3"), killed=os.path.join(root, "killed_zero2"))
+    source = os.path.join(out["ref3"], "checkpoints", f"step{BRANCH_AT:09d}")
+    config, base = DET
+    cases = [{"name": name, "config": config, "overrides": [
+        f"run.out_dir={out[name]}", f"data.train_shards={shards}", f"data.val_shards={shards}", *base, *extra]}
+        for name, extra in (("ref2", [zero(2)]), ("ref3", [zero(3)]),
+                            ("branch", [zero(3), f"run.resume_from={source}"]))]
+    with ThreadPoolExecutor(1) as pool:
+        in_one_launch = pool.submit(run_cases, 2, cases, os.path.join(root, "cases"))
+        try:
+            out["seen"] = run_and_kill_when(2, out["killed"], shards, lambda d: last_step(d) >= KILL_AT, [zero(2)],
+                                            recipe=DET)
+            run_train(2, out["killed"], shards, [zero(2)], recipe=DET)
+        finally:
+            out["launch"] = in_one_launch.result()
+    return out
 
 
-@pytest.fixture(scope="module")
-def continued(shards, references, tmp_path_factory):
-    """ZeRO 2: a run SIGKILLed once step KILL_AT is logged, then restarted; ZeRO 3: a new run
-    started from the reference's step-BRANCH_AT checkpoint (run.resume_from), beside it."""
-    root = tmp_path_factory.mktemp("det_continued")
-    killed, branch = str(root / "killed_zero2"), str(root / "branch_zero3")
-    source = os.path.join(references[3], "checkpoints", f"step{BRANCH_AT:09d}")
-    branching = start(branch, shards, [zero(3), f"run.resume_from={source}"])
-    seen = run_and_kill_when(2, killed, shards, lambda d: max((r["step"] for r in train_records(d)), default=0)
-                             >= KILL_AT, [zero(2)], recipe=DET)
-    wait(*branching)
-    run_train(2, killed, shards, [zero(2)], recipe=DET)
-    return {"killed": killed, "seen": seen, "branch": branch}
+def last_step(run):
+    return max((r["step"] for r in train_records(run)), default=0)
 
 
 def losses(run):
@@ -142,8 +129,9 @@ def assert_same_weights(a, b):
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_detector_trains_and_its_loss_falls(stage, references, shards):
-    run = references[stage]
+def test_detector_trains_and_its_loss_falls(stage, runs, shards):
+    case_ok(runs["launch"], f"ref{stage}")
+    run = runs[f"ref{stage}"]
     steps, group = plan_steps(shards)
     total = EPOCHS * steps
     recs = train_records(run)
@@ -183,11 +171,12 @@ def test_detector_trains_and_its_loss_falls(stage, references, shards):
             assert isinstance(json.load(f), list)
 
 
-def test_zero2_sigkill_mid_epoch_then_restart_is_bit_identical(references, continued, shards):
-    ref, run = references[2], continued["killed"]
+def test_zero2_sigkill_mid_epoch_then_restart_is_bit_identical(runs, shards):
+    case_ok(runs["launch"], "ref2")
+    ref, run = runs["ref2"], runs["killed"]
     steps, _ = plan_steps(shards)
     assert RESUME_AT % steps, "the kill must come mid-epoch"
-    assert max(r["step"] for r in continued["seen"] if r["kind"] == "train") == KILL_AT
+    assert max(r["step"] for r in runs["seen"] if r["kind"] == "train") == KILL_AT
     assert f"resumed from {run}/checkpoints/step{RESUME_AT:09d}" in log_text(run)
     ref_losses, ran = losses(ref), train_records(run)
     # Steps RESUME_AT+1 .. KILL_AT ran twice: every time, on the same images, with the same loss.
@@ -203,8 +192,10 @@ def test_zero2_sigkill_mid_epoch_then_restart_is_bit_identical(references, conti
     assert_same_weights(os.path.join(run, "best.pth"), os.path.join(ref, "best.pth"))
 
 
-def test_zero3_continues_from_a_mid_epoch_checkpoint_bit_identically(references, continued, shards):
-    ref, run = references[3], continued["branch"]
+def test_zero3_continues_from_a_mid_epoch_checkpoint_bit_identically(runs, shards):
+    case_ok(runs["launch"], "ref3")
+    case_ok(runs["launch"], "branch")
+    ref, run = runs["ref3"], runs["branch"]
     steps, _ = plan_steps(shards)
     assert BRANCH_AT < steps, "the branch must start mid-epoch and cross an epoch end"
     assert f"resumed from {ref}/checkpoints/step{BRANCH_AT:09d}" in log_text(run)
