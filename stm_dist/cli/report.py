@@ -7,6 +7,11 @@ them) and writes report/report.md (sizes x mixers table with the paper's publish
 runs on ImageNet-1k, then one row per run with its data set), report/report.json and three PNG
 plots (top-1 vs GFLOPs, top-1 vs parameters, images/s per mixer).
 
+Detection runs (model.task detection) get their own part: a sizes x mixers table of COCO box /
+mask AP with the paper's Mask R-CNN 1x numbers beside runs of the 1x recipe on COCO val2017,
+one row per detection run (schedule, data, last and best AP) and coco_ap_curves.png (AP per
+evaluation).
+
 stm-analyze outputs (invariance_*.json, erf.json, robustness.json) found under RUNS_DIR, or
 under --analyses DIR, add the paper's comparison of the mixers: one figure per analysis with
 the models side by side, and their numbers and provenance in report.md and report.json.

@@ -2,8 +2,8 @@
 
 A run directory is what stm-train writes: config.yaml (the resolved experiment), metrics.jsonl
 (one JSON object per optimizer step, kind "train", and per evaluation, kind "eval", with
-top1/top5 and top1_ema/top5_ema), train.log, and checkpoints/<tag>/COMPLETE markers (world
-size, ZeRO stage, precision). A resumed run appends to the same files; for a step seen twice
+top1/top5 and top1_ema/top5_ema, or for detection runs (model.task detection) COCO bbox_AP /
+segm_AP), train.log, and checkpoints/<tag>/COMPLETE markers (world size, ZeRO stage, precision). A resumed run appends to the same files; for a step seen twice
 (re-run after a restart) the later record wins.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import yaml
 
@@ -53,6 +53,19 @@ class RunSummary:
     dataset: str                 # what the run was evaluated on, from its shards' manifest
     imagenet1k: bool             # the 1000-class, 50,000-image ImageNet-1k val set
     paper_top1: float | None     # the paper's ImageNet-1k number; only for ImageNet-1k runs
+    # Detection runs (model.task detection): COCO AP (%) of the last and the best evaluation,
+    # every evaluation for the AP curves, and the paper's Mask R-CNN 1x numbers beside runs of
+    # the 1x recipe evaluated on COCO val2017.
+    task: str = "classification"
+    schedule: str | None = None  # detection: "1x", "3x ms", or the epochs and scales
+    bbox_AP: float | None = None
+    segm_AP: float | None = None
+    best_bbox_AP: float | None = None
+    best_segm_AP: float | None = None
+    coco: bool = False           # evaluated on COCO val2017 (80 classes, 5,000 images)
+    paper_box_AP: float | None = None
+    paper_mask_AP: float | None = None
+    ap_curve: list = field(default_factory=list)  # [{step, epoch, bbox_AP, segm_AP}] per evaluation
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -149,6 +162,50 @@ def dataset_of(cfg: dict) -> tuple[str, bool]:
     return f"{classes} classes, {samples} val images ({where})", False
 
 
+COCO_VAL = (80, 5000)  # classes, images of val2017
+
+
+def detection_dataset_of(cfg: dict) -> tuple[str, bool]:
+    """(label, is COCO val2017) of a detection run's validation split, from its manifest."""
+    from stm_dist.data.manifest import ShardError, read_manifest
+
+    data = cfg.get("data") or {}
+    shards = data.get("val_shards") or ""
+    try:
+        man = read_manifest(shards, "val")
+    except (ShardError, OSError, TypeError) as e:
+        return f"unknown ({e})", False
+    classes, samples = int(man["num_classes"]), int(man["num_samples"])
+    if (classes, samples) == COCO_VAL:
+        return "COCO val2017", True
+    root = str((man.get("source") or {}).get("root") or shards).rstrip("/")
+    where = "/".join(root.split("/")[-2:])
+    return f"{classes} categories, {samples} val images ({where})", False
+
+
+def detection_schedule(cfg: dict) -> str:
+    """'1x' (12 epochs, one scale: the paper's recipe), '3x ms' (36 epochs, multi-scale), else
+    the epochs and the number of training scales."""
+    epochs = int((cfg.get("schedule") or {}).get("epochs", 0))
+    scales = len((cfg.get("detection") or {}).get("short_sides") or [800])
+    known = {(12, False): "1x", (36, True): "3x ms", (36, False): "3x", (12, True): "1x ms"}
+    return known.get((epochs, scales > 1), f"{epochs} epochs{' ms' if scales > 1 else ''}")
+
+
+def _detection_fields(cfg: dict, model: str, evals: dict) -> dict:
+    last = evals[max(evals)] if evals else {}
+    dataset, coco = detection_dataset_of(cfg)
+    schedule = detection_schedule(cfg)
+    paper_ap = paper.paper_coco(model) if coco and schedule == "1x" else None
+    curve = [{"step": s, "epoch": r.get("epoch"), "bbox_AP": r.get("bbox_AP"), "segm_AP": r.get("segm_AP")}
+             for s, r in sorted(evals.items()) if r.get("bbox_AP") is not None]
+    return dict(task="detection", schedule=schedule, dataset=dataset, coco=coco,
+                bbox_AP=last.get("bbox_AP"), segm_AP=last.get("segm_AP"),
+                best_bbox_AP=_best(evals, "bbox_AP"), best_segm_AP=_best(evals, "segm_AP"),
+                paper_box_AP=paper_ap[0] if paper_ap else None, paper_mask_AP=paper_ap[1] if paper_ap else None,
+                ap_curve=curve)
+
+
 def summarize(run_dir: str, root: str, count_complexity: bool = True) -> RunSummary:
     cfg_path = os.path.join(run_dir, "config.yaml")
     try:
@@ -163,13 +220,17 @@ def summarize(run_dir: str, root: str, count_complexity: bool = True) -> RunSumm
     last_train = train[max(train)] if train else {}
     last_eval = evals[max(evals)] if evals else {}
     speeds = [r["img_s"] for r in train.values() if r.get("img_s")]
+    detection = (cfg.get("model") or {}).get("task") == "detection"
     params = gflops = None
-    if count_complexity:
+    if count_complexity and not detection:  # counted as a classifier at 224 px: not a detector's
         _load_mixer(cfg, cfg_path)
         params, gflops = _complexity(model, num_classes, cfg_path)
     marker = _newest_marker(run_dir)
     ms = paper.mixer_and_size(model)
-    dataset, in1k = dataset_of(cfg)
+    dataset, in1k = dataset_of(cfg) if not detection else ("", False)
+    extra = _detection_fields(cfg, model, evals) if detection else {}
+    if detection:
+        dataset = extra.pop("dataset")
     return RunSummary(
         name=os.path.relpath(run_dir, root), run_dir=run_dir, model=model,
         mixer=ms[0] if ms else None, size=ms[1] if ms else None,
@@ -183,7 +244,7 @@ def summarize(run_dir: str, root: str, count_complexity: bool = True) -> RunSumm
         img_s=statistics.median(speeds) if speeds else None, params=params, gflops=gflops,
         world_size=marker.get("world_size"), zero_stage=marker.get("zero_stage"),
         precision=marker.get("precision"), dataset=dataset, imagenet1k=in1k,
-        paper_top1=paper.paper_top1(model) if in1k else None,
+        paper_top1=paper.paper_top1(model) if in1k else None, **extra,
     )
 
 

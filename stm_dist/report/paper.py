@@ -22,6 +22,19 @@ PAPER_TOP1 = {
     ("base", "convnext"): 83.7, ("base", "dcn_v3"): 84.5,
 }
 
+# COCO val2017 box AP / mask AP (%) of the released Mask R-CNN 1x detectors (the original's
+# detection/readme.md; issue 21).
+PAPER_COCO = {
+    ("micro", "halo"): (40.3, 37.3), ("micro", "pvt"): (35.9, 34.2), ("micro", "swin"): (36.6, 34.6),
+    ("micro", "convnext"): (39.2, 36.4), ("micro", "dcn_v3"): (39.5, 36.6),
+    ("tiny", "halo"): (46.9, 42.4), ("tiny", "pvt"): (44.2, 40.6), ("tiny", "swin"): (44.3, 40.5),
+    ("tiny", "convnext"): (44.3, 40.5), ("tiny", "dcn_v3"): (47.2, 42.5),
+    ("small", "halo"): (48.2, 43.3), ("small", "pvt"): (46.1, 41.9), ("small", "swin"): (46.4, 42.1),
+    ("small", "convnext"): (45.6, 41.2), ("small", "dcn_v3"): (47.8, 43.0),
+    ("base", "halo"): (49.0, 43.8), ("base", "pvt"): (46.4, 42.3), ("base", "swin"): (47.0, 42.2),
+    ("base", "convnext"): (46.7, 42.2), ("base", "dcn_v3"): (48.7, 43.8),
+}
+
 _NAME = re.compile(r"^unified_(halo|pvt|swin|convnext|dcn_v3)_(micro|tiny|small|base)$")
 # Any registered mixer's model (stm_dist.models.register_mixer): unified_<mixer>_<size>, where a
 # size has no '_'. Read from the name, so a report needs no mixer file loaded.
@@ -61,3 +74,9 @@ def order_key(model_name: str) -> tuple:
 def paper_top1(model_name: str) -> float | None:
     key = mixer_and_size(model_name)
     return PAPER_TOP1.get((key[1], key[0])) if key else None
+
+
+def paper_coco(model_name: str) -> tuple[float, float] | None:
+    """(box AP, mask AP) of the paper's Mask R-CNN 1x on `model_name`'s backbone, or None."""
+    key = mixer_and_size(model_name)
+    return PAPER_COCO.get((key[1], key[0])) if key else None

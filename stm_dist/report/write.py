@@ -88,17 +88,25 @@ def runs_table(runs: list[RunSummary]) -> list[str]:
 def write_report(runs: list[RunSummary], out_dir: str, source: str = "", analyses: dict | None = None) -> dict:
     """Write report.md, report.json and the PNG plots; return their paths. `analyses`: what
     report.analyses.collect_analyses found (stm-analyze outputs), compared side by side."""
+    from . import detection
     from .analyses import analyses_json, analyses_markdown, write_analysis_figures
 
     os.makedirs(out_dir, exist_ok=True)
+    all_runs = runs
+    det_runs = [r for r in runs if r.task == "detection"]  # their own tables and curves, below
+    runs = [r for r in runs if r.task != "detection"]
     pngs = write_plots(runs, out_dir) if runs else []
+    det_pngs = detection.write_curves(det_runs, out_dir) if det_runs else []
     analysis_pngs = write_analysis_figures(analyses, out_dir) if analyses else []
-    md = [
+    header = [
         "# Spatial token mixers: comparison report",
         "",
-        f"{len(runs)} run(s){' from ' + source if source else ''}, generated "
-        f"{time.strftime('%Y-%m-%d %H:%M:%S')}.",
+        f"{len(all_runs)} run(s){' from ' + source if source else ''}"
+        + (f" ({len(det_runs)} detection)" if det_runs else "")
+        + f", generated {time.strftime('%Y-%m-%d %H:%M:%S')}.",
         "",
+    ]
+    classification = [
         "## Top-1 by size and mixer (the paper's layout)",
         "",
         "Each cell: our best top-1 (%) over all evaluations, live or EMA weights, of runs "
@@ -122,6 +130,11 @@ def write_report(runs: list[RunSummary], out_dir: str, source: str = "", analyse
         "",
         *[f"![{os.path.splitext(os.path.basename(p))[0]}]({os.path.basename(p)})" for p in pngs],
         "",
+    ]
+    md = [
+        *header,
+        *(classification if runs or not det_runs else []),
+        *(detection.markdown(det_runs, det_pngs) if det_runs else []),
         *(analyses_markdown(analyses, analysis_pngs) if analyses else []),
     ]
     md_path = os.path.join(out_dir, "report.md")
@@ -129,8 +142,8 @@ def write_report(runs: list[RunSummary], out_dir: str, source: str = "", analyse
         f.write("\n".join(md))
     json_path = os.path.join(out_dir, "report.json")
     with open(json_path, "w") as f:
-        out = {"source": source, "runs": [r.to_dict() for r in runs]}
+        out = {"source": source, "runs": [r.to_dict() for r in all_runs]}
         if analyses:
             out["analyses"] = analyses_json(analyses)
         json.dump(out, f, indent=1)
-    return {"markdown": md_path, "json": json_path, "plots": pngs + analysis_pngs}
+    return {"markdown": md_path, "json": json_path, "plots": pngs + det_pngs + analysis_pngs}
