@@ -88,6 +88,8 @@ def runs(shards, tmp_path_factory):
             out["seen"] = run_and_kill_when(2, out["killed"], shards, lambda d: last_step(d) >= KILL_AT, [zero(2)],
                                             recipe=DET)
             run_train(2, out["killed"], shards, [zero(2)], recipe=DET)
+        except AssertionError as e:  # the kill test reports it; the other tests still run
+            out["kill_error"] = e
         finally:
             out["launch"] = in_one_launch.result()
     return out
@@ -147,8 +149,8 @@ def test_detector_trains_and_its_loss_falls(stage, runs, shards):
         seen = [k for s in range(e * steps + 1, (e + 1) * steps + 1) for k in keys[s]]
         assert len(seen) == len(set(seen)), f"epoch {e} repeats images: {sorted(seen)}"
 
-    # It learns: the mean loss of the last 3 steps well below that of the first 3 (lr 0 gives a
-    # ratio near 1: the batches differ, the weights do not).
+    # It learns: the mean loss of the last 3 steps well below that of the first 3 (measured:
+    # about 0.4 at this lr; 0.997 with optim.lr=1e-12, where only the batches differ).
     loss = [r["loss"] for r in recs]
     first, last = sum(loss[:3]) / 3, sum(loss[-3:]) / 3
     assert all(v == v and v > 0 for v in loss), loss
@@ -173,6 +175,8 @@ def test_detector_trains_and_its_loss_falls(stage, runs, shards):
 
 def test_zero2_sigkill_mid_epoch_then_restart_is_bit_identical(runs, shards):
     case_ok(runs["launch"], "ref2")
+    if "kill_error" in runs:
+        raise runs["kill_error"]
     ref, run = runs["ref2"], runs["killed"]
     steps, _ = plan_steps(shards)
     assert RESUME_AT % steps, "the kill must come mid-epoch"
