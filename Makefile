@@ -14,13 +14,14 @@ DS_ACCEL ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' 2>/dev/null)
 PYTEST_ARGS ?=
 
-.PHONY: demo compare demo-detection test env clean-venv lock help gpu-bundle
+.PHONY: demo compare demo-detection test test-quick env clean-venv lock help gpu-bundle
 
 help:
 	@echo "make demo   - the main job end to end on the embedded real data set"
 	@echo "make compare - the five micro mixers trained, analysed and compared on the same data"
 	@echo "make demo-detection - Mask R-CNN fine-tuned from the demo's weights on digits pasted on photos (COCO AP)"
 	@echo "make test   - the test suite (pytest)"
+	@echo "make test-quick - the tests not marked slow (iterating; CI runs make test)"
 	@echo "make env    - stm-env report"
 	@echo "make gpu-bundle - DeepSpeed sdist + missing wheels for the lent GPU machine (tools/gpu_check.sh)"
 
@@ -46,6 +47,11 @@ env: $(VENV)/.pkg
 
 test: $(VENV)/.pkg
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The quick tier for iterating: everything not marked slow (no multi-process resume chains, no
+# launcher/slurm integration, no wheel build). `make test` is what CI runs.
+test-quick: $(VENV)/.pkg
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 demo: $(VENV)/.pkg
 	$(PY) -m stm_dist.cli.demo

@@ -216,9 +216,41 @@ def build(cfg, world_size: int, accelerator: str, load_universal: bool = False) 
     return Built(ds, prec, stage, own, unit)
 
 
+# DeepSpeed 0.19's ZeRO stages import its Muon optimizer module while they initialise (an
+# isinstance check) and at the first gradient reduction, and that import torch.compile-decorates
+# Muon's kernels, which loads torch._dynamo and torch._inductor: 2-5 s of every rank's start-up
+# (more than torch itself on a loaded box) for an optimizer this engine never uses (build()
+# refuses any optimizer but AdamW). Stand-ins with the names DeepSpeed asks for keep those
+# checks answering "not Muon" without the import.
+_MUON_MODULES = ("deepspeed.runtime.zero.muon.muon_optimizer", "deepspeed.runtime.zero.muon.original_muon")
+
+
+def skip_muon_import() -> bool:
+    """Install the stand-ins unless the real modules are already loaded; True if installed."""
+    import sys
+    import types
+
+    if any(name in sys.modules for name in _MUON_MODULES):
+        return False
+
+    class MuonWithAuxAdam:  # nothing is ever an instance: this engine's optimizer is AdamW
+        pass
+
+    def _not_used(*args, **kwargs):
+        raise RuntimeError("stm_dist: DeepSpeed's Muon was stubbed out (the engine trains with AdamW only)")
+
+    for name in _MUON_MODULES:
+        mod = types.ModuleType(name, "stand-in: see stm_dist.engine.ds_setup.skip_muon_import")
+        mod.MuonWithAuxAdam = MuonWithAuxAdam
+        mod.muon_update = mod.adam_update = _not_used
+        sys.modules[name] = mod
+    return True
+
+
 def initialize(built: Built, model, groups, cfg, find_units=None):
     """deepspeed.initialize with our optimizer at ZeRO 0; returns (engine, optimizer).
     `find_units(model)`: the ZeRO 3 fetch units (default `fetch_units`: the unified models')."""
+    skip_muon_import()
     import deepspeed
     import torch
 

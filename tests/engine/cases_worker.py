@@ -60,6 +60,8 @@ def main():
             rec["error"] = f"{type(e).__name__}: {e}"
             rec["traceback"] = traceback.format_exc()[-3000:]
             print(f"[cases] {case['name']} failed:\n{rec['traceback']}", file=sys.stderr, flush=True)
+        # What the rank's start-up imported (test_matrix checks DeepSpeed's Muon stays out).
+        rec["inductor_compile_fx_loaded"] = "torch._inductor.compile_fx" in sys.modules
         report(rec)
     finish(0)
 
