@@ -77,7 +77,8 @@ def test_outputs_follow_the_documented_schema(outputs):
     assert all(set(a) == {"attack", "eps", "acc1", "acc1_accumulated"} for a in rob["attacks"])
     for name in ("invariance_translation.png", "erf.png", "robustness.png"):
         pixels = np.asarray(Image.open(os.path.join(outputs["one"], name)).convert("RGB")).reshape(-1, 3)
-        assert len(np.unique(pixels, axis=0)) > 10, f"{name} looks blank"
+        colours = pixels.astype(np.int32) @ np.array([1 << 16, 1 << 8, 1], dtype=np.int32)  # faster than rows
+        assert len(np.unique(colours)) > 10, f"{name} looks blank"
 
 
 def test_an_export_of_another_model_is_named(fitted, digits_shards, tmp_path):
