@@ -177,7 +177,7 @@ def run(args, checked: dict | None = None) -> tuple[dict, list]:
         extra_files["erf_map_relu.npy"] = result.pop("map_relu")
         name = "erf"
         settings = {"images": args.images, "crop_pct": None,  # not cropped: the whole image resized
-                    "input": f"whole image resized to {args.img_size} x {args.img_size} (bicubic), as RepLKNet"}
+                    "input": "whole image resized to img_size x img_size (bicubic), as RepLKNet"}
     else:
         from torchvision import transforms as T
 

@@ -214,18 +214,21 @@ def _invariance_md(kind: str, groups: list) -> list[str]:
     return md
 
 
+ERF_EXPLAINED = (
+    "Two statistics, as a fraction of the image area, at t = 20/30/50/99%. Ours: the |gradient| of the central "
+    "output pixel summed over images; the smallest square centred on its centre of mass holding >= t of the raw "
+    "total. RepLKNet's (its analyze_erf.py): relu(gradient) averaged over images, log10(x + 1) and divided by its "
+    "max; the first square of side 3, 5, ... centred on the image holding > t (n/a: none short of the whole "
+    "image). Only RepLKNet's, at 1024 px, compares with its published table.")
+
+
 def _erf_md(groups: list) -> list[str]:
     md = []
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     for i, g in enumerate(groups):
         md += _heading("Effective receptive field", i, groups)
-        md += ["Two statistics, as a fraction of the image area, at t = 20/30/50/99%. Ours: the |gradient| of "
-               "the central output pixel summed over images; the smallest square centred on its centre of mass "
-               "holding >= t of the raw total. RepLKNet's (its analyze_erf.py): relu(gradient) averaged over "
-               "images, log10(x + 1) and divided by its max; the first square of side 3, 5, ... centred on the "
-               "image holding > t (n/a: none short of the whole image). Only RepLKNet's, at 1024 px, compares "
-               "with its published table.", "",
-               "| model | images | ours 20% | 30% | 50% | 99% | RepLKNet 20% | 30% | 50% | 99% |",
+        md += [] if i else [ERF_EXPLAINED, ""]  # once, above the first group
+        md += ["| model | images | ours 20% | 30% | 50% | 99% | RepLKNet 20% | 30% | 50% | 99% |",
                "|---|---|---|---|---|---|---|---|---|---|"]
         for r in g["results"]:
             theirs = r.get("replknet_area_ratio") or {}
