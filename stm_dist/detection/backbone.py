@@ -20,10 +20,9 @@ from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 
 from stm_dist.models.layers import LayerNorm2d, to_2tuple
-from stm_dist.models.meta_arch import DownsampleLayer, Stem, _init_weights
+from stm_dist.models.meta_arch import DownsampleLayer, Stem, _init_weights, run_stage
 from stm_dist.models.registry import list_models, mixer_of, model_config, resolve_name
 
 __all__ = ["DetectionBackbone", "create_backbone", "list_backbones", "backbone_config",
@@ -96,13 +95,6 @@ class DetectionBackbone(nn.Module):
         skip.update(n for n, _ in self.named_parameters() if "relative_position_bias_table" in n)
         return skip
 
-    def _run_block(self, blk, x, extra=None):
-        # extra as its own argument (see MetaArch._run_block: ZeRO 3's hooks see only top-level tensors)
-        args = (x,) if extra is None else (x, extra)
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(blk, *args, use_reentrant=False)
-        return blk(*args)
-
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"{self.name or 'backbone'}: expected an image batch (B, {self.in_channels}, H, W), "
@@ -115,12 +107,7 @@ class DetectionBackbone(nn.Module):
         outs = []
         for i in range(self.out_indices[-1] + 1):
             x = self.downsample_layers[i](x)
-            if hasattr(bt, "pre_stage_transform"):
-                x = bt.pre_stage_transform(x)
-            for blk in self.stages[i]:
-                x = self._run_block(blk, x, None if extra is None else extra[i])
-            if hasattr(bt, "post_stage_transform"):
-                x = bt.post_stage_transform(x)
+            x = run_stage(bt, self.stages[i], x, None if extra is None else extra[i], self.grad_checkpointing)
             if i in self.out_indices:
                 outs.append(getattr(self, f"out_norm_{i}")(x))
         return outs

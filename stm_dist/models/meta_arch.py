@@ -98,6 +98,25 @@ def _init_weights(m: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+def run_stage(block_type, blocks, x, extra=None, grad_checkpointing: bool = False):
+    """One stage's blocks, between the block type's optional pre/post_stage_transform. A block is
+    called as block(x), or block(x, extra) with the stage's extra input as its own argument, never
+    packed with x in a tuple: a module's full backward hook (how ZeRO 3 releases a fetch unit's
+    parameters) only sees top-level tensor arguments, and would fire before the block's weight
+    gradients exist."""
+    if hasattr(block_type, "pre_stage_transform"):
+        x = block_type.pre_stage_transform(x)
+    for blk in blocks:
+        args = (x,) if extra is None else (x, extra)
+        if grad_checkpointing and torch.is_grad_enabled():
+            x = checkpoint(blk, *args, use_reentrant=False)
+        else:
+            x = blk(*args)
+    if hasattr(block_type, "post_stage_transform"):
+        x = block_type.post_stage_transform(x)
+    return x
+
+
 class MetaArch(nn.Module):
     """Unified backbone + classifier.
 
@@ -261,15 +280,6 @@ class MetaArch(nn.Module):
         self.head.apply(_init_weights)
         self.head.to(device=ref.device, dtype=ref.dtype)
 
-    def _run_block(self, blk, x, extra=None):
-        # The extra input goes as its own argument, never packed with x in a tuple: a module's
-        # full backward hook (how ZeRO 3 releases a fetch unit's parameters) only sees top-level
-        # tensor arguments, and would fire before the block's weight gradients exist.
-        args = (x,) if extra is None else (x, extra)
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(blk, *args, use_reentrant=False)
-        return blk(*args)
-
     def forward_intermediates(
         self,
         x: torch.Tensor,
@@ -295,12 +305,7 @@ class MetaArch(nn.Module):
         outs = []
         for i in range(last + 1):
             x = self.downsample_layers[i](x)
-            if hasattr(bt, "pre_stage_transform"):
-                x = bt.pre_stage_transform(x)
-            for blk in self.stages[i]:
-                x = self._run_block(blk, x, None if extra is None else extra[i])
-            if hasattr(bt, "post_stage_transform"):
-                x = bt.post_stage_transform(x)
+            x = run_stage(bt, self.stages[i], x, None if extra is None else extra[i], self.grad_checkpointing)
             x = self.stage_norms[i](x)
             if i in take:
                 outs.append(self.stage_end_norm(x) if norm and i == n - 1 else x)
