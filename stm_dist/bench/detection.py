@@ -229,7 +229,9 @@ def run(args):
               f"warm-up, {args.precision}; data {args.data}", flush=True)
         runs = {m: [] for m in modes}
         for rep in range(args.repeat):
-            for m in modes:
+            # each round starts one mode later: a load that rises or falls over the run (a shared
+            # box) then favours no mode
+            for m in modes[rep % len(modes):] + modes[:rep % len(modes)]:
                 r = _launch(args, m)
                 r["load_avg_1min"] = os.getloadavg()[0]
                 runs[m].append(r)

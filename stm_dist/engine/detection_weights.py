@@ -68,13 +68,13 @@ def guess_task(path: str, warn=print) -> str:
     """'detection' for a detection run, a detector export or a file of detector tensors (ours or
     mmdet's), else 'classification'."""
     if os.path.isdir(path):
-        from .export import _run_config, locate
+        from .export import locate
 
         try:
-            ckpt_dir, tag, _ = locate(path, warn=warn)
+            ckpt_dir, tag, marker = locate(path, warn=warn)
         except FileNotFoundError:
             return "classification"  # the classification path names what is missing
-        return (_run_config(ckpt_dir, tag).get("model") or {}).get("task", "classification")
+        return (_recorded_config(ckpt_dir, tag, marker).get("model") or {}).get("task", "classification")
     if not os.path.isfile(path):
         return "classification"
     try:
@@ -124,11 +124,26 @@ def _read_yaml(path: str) -> dict:
         return {}
 
 
+def _recorded_config(ckpt_dir: str, tag: str, marker: dict) -> dict:
+    """The run's config as {section: {key: value}}: from the checkpoint marker's recipe (small,
+    already read), else from the client state the checkpoint saved (older checkpoints)."""
+    recipe = marker.get("recipe")
+    if isinstance(recipe, dict) and "model.task" in recipe:
+        out: dict = {}
+        for key, value in recipe.items():
+            sec, _, name = key.partition(".")
+            out.setdefault(sec, {})[name] = value
+        return out
+    from .export import _run_config
+
+    return _run_config(ckpt_dir, tag)
+
+
 def _from_run(src: str, ema: bool, warn) -> tuple[dict, dict, dict]:
-    from .export import _run_config, consolidate, locate
+    from .export import consolidate, locate
 
     ckpt_dir, tag, marker = locate(src, warn=warn)
-    run_cfg = _run_config(ckpt_dir, tag)
+    run_cfg = _recorded_config(ckpt_dir, tag, marker)
     task = (run_cfg.get("model") or {}).get("task", "classification")
     if task != "detection":
         raise ValueError(f"{os.path.join(ckpt_dir, tag)}: a {task} run (model.task={task}), not a detection run")
