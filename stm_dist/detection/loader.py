@@ -1,6 +1,6 @@
 """Detection train and val loaders over ``stm-shards`` detection shards (DALI, GPU or CPU decode).
 
-Contract (see /tmp/det_contracts.md "Input pipeline" and stm_dist.data's docstring)::
+Contract (built by stm_dist/detection/loaders.py by backend; like stm_dist.data's loaders)::
 
     build_det_train_loader(shard_dir, batch_size, *, rank=0, world_size=1, accum=1, seed=0,
                            scales=((1333, 800),), flip_prob=0.5, size_divisor=32, device="cpu",
@@ -38,7 +38,7 @@ from stm_dist.data.plan_loader import PlanTrainLoader
 from stm_dist.data.plan_source import TarReader, jpeg_size
 from stm_dist.detection.transforms import MMDET_SCALE, SampleError, check_scales, target_to
 
-__all__ = ["build_det_train_loader", "build_det_val_loader", "DetTrainLoader", "DetValLoader"]
+__all__ = ["DetTrainLoader", "DetValLoader", "read_det_manifest"]
 
 
 def read_det_manifest(shard_dir: str, split: str) -> tuple[dict, list[str], list[str], dict]:
@@ -231,29 +231,6 @@ class DetValLoader:
             raise RuntimeError(f"val rank {self.rank}: read {seen} samples, expected {self.num_samples}")
 
 
-def _check_backend(backend: str):
-    if backend not in ("dali", "pil"):
-        raise ValueError(f"backend must be 'dali' or 'pil', got {backend!r}")
-
-
 def _check_device(device: str):
     if device != "cpu" and not str(device).startswith("cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
-
-
-def build_det_train_loader(shard_dir, batch_size, *, backend="dali", **kwargs):
-    _check_backend(backend)
-    if backend == "pil":
-        from stm_dist.detection.torch_loader import TorchDetTrainLoader
-
-        return TorchDetTrainLoader(shard_dir, batch_size, **kwargs)
-    return DetTrainLoader(shard_dir, batch_size, **kwargs)
-
-
-def build_det_val_loader(shard_dir, batch_size, *, backend="dali", **kwargs):
-    _check_backend(backend)
-    if backend == "pil":
-        from stm_dist.detection.torch_loader import TorchDetValLoader
-
-        return TorchDetValLoader(shard_dir, batch_size, **kwargs)
-    return DetValLoader(shard_dir, batch_size, **kwargs)

@@ -17,6 +17,7 @@ from PIL import Image
 
 from stm_dist.data.plan_loader import PlanTrainLoader
 from stm_dist.detection.input_pipeline import DetSamples
+from stm_dist.detection.loader import DetTrainLoader, DetValLoader
 from stm_dist.detection.transforms import draw_choices, target_to
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1) * 255
@@ -103,8 +104,6 @@ class TorchDetTrainLoader(PlanTrainLoader):
     backend = "pil"
 
     def __init__(self, *args, **kwargs):
-        from stm_dist.detection.loader import DetTrainLoader
-
         DetTrainLoader._setup(self, *args, **kwargs)
         self.dataset = _Samples(DetSamples(self.table, self.reader, self.labels_of), self.seed, self.scales,
                                 self.flip_prob)
@@ -132,8 +131,6 @@ class TorchDetValLoader:
     """DetValLoader's slice and targets; pixels by PIL + torch."""
 
     def __init__(self, *args, **kwargs):
-        from stm_dist.detection.loader import DetValLoader
-
         DetValLoader._setup(self, *args, **kwargs)
         self.dataset = _Samples(DetSamples(self.table, self.reader, self.labels_of), 0, [self.scale], 0.0,
                                 self.with_masks)

@@ -16,7 +16,7 @@ import torch
 
 from data_tools.cli import main as shards_main
 from stm_dist.data.epoch_plan import EpochPlan
-from stm_dist.detection.loader import build_det_train_loader, build_det_val_loader
+from stm_dist.detection.loaders import build_det_train_loader, build_det_val_loader
 from stm_dist.detection.transforms import MULTI_SCALE_3X, SampleError, full_mask, rescale_size
 from tests.detection.det_loader_shards import write_split
 

@@ -93,7 +93,7 @@ class DetectionTask:
         return [(det.max_size, int(s)) for s in det.short_sides]
 
     def train_loader(self, rank: int, world: int, accum: int, device: str):
-        from stm_dist.detection.loader import build_det_train_loader
+        from stm_dist.detection.loaders import build_det_train_loader
 
         t, d, det = self.cfg.train, self.cfg.data, self.cfg.detection
         return build_det_train_loader(d.train_shards, t.micro_batch, rank=rank, world_size=world, accum=accum,
@@ -113,7 +113,7 @@ class DetectionTask:
 
     # ------------------------------------------------------------------ evaluation
     def val_loader(self, rank: int, world: int, on_cuda: bool, split: str = "val"):
-        from stm_dist.detection.loader import build_det_val_loader
+        from stm_dist.detection.loaders import build_det_val_loader
 
         c, det = self.cfg, self.cfg.detection
         return build_det_val_loader(c.data.val_shards, c.data.eval_batch, rank=rank, world_size=world,
