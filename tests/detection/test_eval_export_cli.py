@@ -19,6 +19,7 @@ import torch
 
 from side_by_side import finish, start
 
+pytestmark = pytest.mark.slow  # a training launch and three evaluation launches (~1 min on 2 cores)
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIN = os.path.dirname(sys.executable)
 VAL_IMAGES = 5  # odd: 2 ranks hold 3 and 2
