@@ -10,7 +10,6 @@ Launches run side by side; the whole module is one training launch plus one roun
 """
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -164,7 +163,7 @@ def test_two_rank_evaluation_equals_one_rank(det_run, exports, tmp_path):
     assert len(res["mmdet"]["segm"]) == len(res["one"]["segm"])
 
 
-def test_classification_weights_are_not_taken_for_a_detector(det_run, tmp_path):
+def test_classification_weights_are_not_taken_for_a_detector(tmp_path):
     """A classification export evaluated as a detector names what it is instead of a key dump."""
     from stm_dist.engine.detection_weights import load_detector_source
     from stm_dist.models import create_model
@@ -173,4 +172,3 @@ def test_classification_weights_are_not_taken_for_a_detector(det_run, tmp_path):
     torch.save({"state_dict": create_model(MODEL, num_classes=10).state_dict(), "model": MODEL}, path)
     with pytest.raises(ValueError, match="not a Mask R-CNN detector"):
         load_detector_source(path)
-    shutil.rmtree(tmp_path, ignore_errors=True)
