@@ -52,6 +52,10 @@ class ModelConfig:
 class DataConfig:
     train_shards: str = ""
     val_shards: str = ""
+    # The split names inside those folders (<split>.json): `stm-shards create --split train2017`
+    # writes train2017.json.
+    train_split: str = "train"
+    val_split: str = "val"
     backend: str = "dali"
     num_threads: int = 2
     crop_pct: float = 0.875
@@ -463,7 +467,8 @@ def check_num_classes(cfg: ExperimentConfig, need_train: bool = True, need_val: 
     data set is allowed. A missing or unreadable manifest is left to the loader's own error."""
     from stm_dist.data.manifest import ShardError, read_manifest
 
-    for key, split, needed in (("train_shards", "train", need_train), ("val_shards", "val", need_val)):
+    for key, split, needed in (("train_shards", cfg.data.train_split, need_train),
+                               ("val_shards", cfg.data.val_split, need_val)):
         shards = getattr(cfg.data, key)
         if not needed or not shards:
             continue

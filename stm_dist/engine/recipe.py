@@ -17,7 +17,7 @@ EXECUTION_KEYS = {
     ("model", "pretrained"),  # a path: the weights it names are checked by loading them
     ("data", "train_shards"), ("data", "val_shards"), ("data", "num_threads"), ("data", "eval_batch"),
     ("data", "backend"), ("data", "dont_use_mmap"), ("data", "record_keys"),
-    ("data", "source_workers"),
+    ("data", "source_workers"), ("data", "train_split"), ("data", "val_split"),
     ("train", "micro_batch"), ("train", "log_every"), ("train", "compile"), ("train", "channels_last"),
     ("schedule", "max_steps"),
     ("deepspeed", "config"),  # the path; its contents are compared instead

@@ -56,7 +56,7 @@ class Trainer:
         self.task = task_for(cfg)
         t = cfg.train
         self.accum = ds_setup.grad_accum_steps(t.global_batch, t.micro_batch, self.world)
-        self.num_train = int(read_manifest(cfg.data.train_shards, "train")["num_samples"])
+        self.num_train = int(read_manifest(cfg.data.train_shards, cfg.data.train_split)["num_samples"])
         if steps_per_epoch(self.num_train, t.global_batch) == 0:
             raise config_mod.ConfigError(
                 f"'train.global_batch' ({t.global_batch}) is larger than the training set "

@@ -34,3 +34,17 @@ def test_stm_train_refuses_before_training(digits_shards, tmp_path):
     assert "config error: 'model.num_classes' is 5" in p.stderr and "10 classes" in p.stderr, p.stderr
     assert "Traceback" not in p.stderr
     assert not os.path.exists(run / "metrics.jsonl") and not os.path.exists(run / "checkpoints")
+
+
+def test_split_names_are_the_configured_ones(digits_shards, tmp_path):
+    """COCO's shards are train2017.json / val2017.json: data.train_split / data.val_split name the
+    manifests every reader opens (here the class-count check, which names the file it read)."""
+    import shutil
+
+    renamed = tmp_path / "shards"
+    shutil.copytree(digits_shards, renamed)
+    os.rename(renamed / "train.json", renamed / "train2017.json")
+    base = [f"data.train_shards={renamed}", f"data.val_shards={renamed}", "model.num_classes=5",
+            "data.train_split=train2017"]
+    with pytest.raises(ConfigError, match=rf"{os.path.join(str(renamed), 'train2017.json')} .*10 classes"):
+        check_paths(load(DEMO, base))

@@ -73,7 +73,7 @@ class ClassificationTask:
                                   seed=t.seed, img_size=self.cfg.model.img_size, device=device,
                                   num_threads=d.num_threads, randaug=d.randaug, backend=d.backend,
                                   dont_use_mmap=d.dont_use_mmap,
-                                  source_workers=d.source_workers if d.backend == "dali" else 0)
+                                  source_workers=d.source_workers if d.backend == "dali" else 0, split=d.train_split)
 
     def prepare(self, micro_batch):
         """(images, labels) -> (images, soft targets): mixup/cutmix, label smoothing, erasing."""
@@ -104,13 +104,13 @@ class ClassificationTask:
         return build_val_loader(c.data.val_shards, c.data.eval_batch, rank=rank, world_size=world,
                                 img_size=c.model.img_size, crop_pct=c.data.crop_pct,
                                 device="cuda" if on_cuda else "cpu", num_threads=c.data.num_threads,
-                                backend=c.data.backend, dont_use_mmap=c.data.dont_use_mmap)
+                                backend=c.data.backend, dont_use_mmap=c.data.dont_use_mmap, split=c.data.val_split)
 
     def evaluate(self, model, loader, device, out_dir=None, step: int = 0, suffix: str = "") -> dict:
         from stm_dist.data import read_manifest
 
         from ..evaluate import evaluate
 
-        expected = int(read_manifest(self.cfg.data.val_shards, "val")["num_samples"])
+        expected = int(read_manifest(self.cfg.data.val_shards, self.cfg.data.val_split)["num_samples"])
         r = evaluate(model, loader, device, expected_samples=expected)
         return {"top1": r["top1"], "top5": r["top5"], "loss": r["loss"]}

@@ -99,7 +99,7 @@ class DetectionTask:
         return build_det_train_loader(d.train_shards, t.micro_batch, rank=rank, world_size=world, accum=accum,
                                       seed=t.seed, scales=self._scales(), flip_prob=det.flip_prob,
                                       size_divisor=det.size_divisor, device=device, num_threads=d.num_threads,
-                                      dont_use_mmap=d.dont_use_mmap, backend=d.backend)
+                                      dont_use_mmap=d.dont_use_mmap, backend=d.backend, split=d.train_split)
 
     def prepare(self, micro_batch):
         return micro_batch  # (images, targets): the pipeline did the resizing, flipping and padding
@@ -112,7 +112,7 @@ class DetectionTask:
         return sum(v.float() for v in losses.values())
 
     # ------------------------------------------------------------------ evaluation
-    def val_loader(self, rank: int, world: int, on_cuda: bool, split: str = "val"):
+    def val_loader(self, rank: int, world: int, on_cuda: bool, split: str | None = None):
         from stm_dist.detection.loaders import build_det_val_loader
 
         c, det = self.cfg, self.cfg.detection
@@ -120,7 +120,7 @@ class DetectionTask:
                                     scale=max(self._scales(), key=lambda s: s[1]), size_divisor=det.size_divisor,
                                     device="cuda" if on_cuda else "cpu", num_threads=c.data.num_threads,
                                     dont_use_mmap=c.data.dont_use_mmap, with_masks=False, backend=c.data.backend,
-                                    split=split)
+                                    split=split or c.data.val_split)
 
     def annotations(self, loader) -> str:
         """The COCO ground-truth file of the loader's split (written beside the shards)."""
