@@ -5,8 +5,7 @@ is a permutation of all training samples drawn from (train.seed, e), cut into
 `num_samples // train.global_batch` global batches (drop_last; detection's aspect-grouped
 plan cuts each group separately, so it can have fewer: an epoch is `len(loader)` steps);
 micro-batch k of a global batch is its samples [k*micro_batch, (k+1)*micro_batch), and rank r
-runs micro-batches
-r*accum .. r*accum+accum-1 as its accumulation micro-steps. Each sample's augmentation is drawn
+runs micro-batches r*accum .. r*accum+accum-1 as its accumulation micro-steps. Each sample's augmentation is drawn
 from (seed, epoch, sample), so the global batch of every step, pixels included (up to decoder
 kernels: DALI CPU vs GPU vs PIL), is the same whatever the world size and micro-batch.
 
