@@ -58,6 +58,7 @@ def det_run(tmp_path_factory):
     cmd = [os.path.join(BIN, "deepspeed"), "--num_accelerators", "2", "--master_port", str(_port()),
            "--module", "stm_dist.cli.train", "--config", "mask_rcnn_unified_convnext_micro_1x",
            f"run.out_dir={run}", f"data.train_shards={shards}", f"data.val_shards={shards}", "model.num_classes=10",
+           "data.train_split=train", "data.val_split=val",  # the recipe's are COCO's train2017 / val2017
            "detection.head=slim", "detection.short_sides=[128]", "detection.max_size=160", "data.num_threads=1",
            "train.global_batch=4", "train.micro_batch=2", "train.eval_every_epochs=0", "train.log_every=1",
            "schedule.epochs=1", "schedule.warmup_steps=1", "schedule.milestones=[]", "optim.lr=2e-4",

@@ -155,30 +155,42 @@ class DetectionTask:
         rank 0 scores all results with pycocotools (and writes them as COCO results JSON to
         `out_dir`: results_files(out_dir, stem), stem step<step><suffix> unless given), every
         rank returns the same numbers."""
-        from stm_dist.detection.coco_eval import coco_evaluate
-
         bbox, segm, n = self.predict(model, loader, device)
         parts = _gather((bbox, segm, n))
         results = None
         if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-            bbox = [r for p in parts for r in p[0]]
-            segm = [r for p in parts for r in p[1]]
-            seen = sum(p[2] for p in parts)
-            expected = int(loader.manifest["num_samples"])
-            if seen != expected:
-                raise RuntimeError(f"evaluation saw {seen} images over all ranks, the split has {expected}")
+            results = self._score(loader, parts, out_dir, stem or f"step{step}{suffix}")
+        # Every rank gets rank 0's outcome, its error included: a rank raising alone would leave
+        # the others waiting in the next collective.
+        results = _gather(results)[0]
+        if isinstance(results, str):
+            raise RuntimeError(results)
+        return results
+
+    def _score(self, loader, parts, out_dir, stem):
+        """Rank 0: COCO AP of all ranks' results (and the results JSON files); an error as text."""
+        from stm_dist.detection.coco_eval import coco_evaluate
+
+        bbox = [r for p in parts for r in p[0]]
+        segm = [r for p in parts for r in p[1]]
+        seen, expected = sum(p[2] for p in parts), int(loader.manifest["num_samples"])
+        if seen != expected:
+            return f"evaluation saw {seen} images over all ranks, the split has {expected}"
+        try:
             metrics = coco_evaluate(self.annotations(loader), bbox, segm, log=lambda *a: None)
-            results = {"bbox_AP": metrics["bbox_AP"], "segm_AP": metrics["segm_AP"]}
-            for kind in ("bbox", "segm"):
-                for stat in ("AP50", "AP75"):
-                    if stat in metrics.get(kind, {}):
-                        results[f"{kind}_{stat}"] = metrics[kind][stat]
-            if out_dir:
-                os.makedirs(out_dir, exist_ok=True)
-                paths = self.results_files(out_dir, stem or f"step{step}{suffix}")
-                for kind, res in (("bbox", bbox), ("segm", segm)):
-                    path = paths[kind]
-                    with open(path + ".tmp", "w") as f:
-                        json.dump(res, f)
-                    os.replace(path + ".tmp", path)
-        return _gather(results)[0]
+        except (OSError, ValueError, KeyError) as e:
+            return f"COCO evaluation against {self.annotations(loader)}: {e}"
+        results = {"bbox_AP": metrics["bbox_AP"], "segm_AP": metrics["segm_AP"]}
+        for kind in ("bbox", "segm"):
+            for stat in ("AP50", "AP75"):
+                if stat in metrics.get(kind, {}):
+                    results[f"{kind}_{stat}"] = metrics[kind][stat]
+        if out_dir:
+            os.makedirs(out_dir, exist_ok=True)
+            paths = self.results_files(out_dir, stem)
+            for kind, res in (("bbox", bbox), ("segm", segm)):
+                path = paths[kind]
+                with open(path + ".tmp", "w") as f:
+                    json.dump(res, f)
+                os.replace(path + ".tmp", path)
+        return results
