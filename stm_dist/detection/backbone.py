@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from stm_dist.models.layers import LayerNorm2d, to_2tuple
-from stm_dist.models.meta_arch import DownsampleLayer, Stem, _init_weights, run_stage
+from stm_dist.models.meta_arch import DownsampleLayer, Stem, _init_weights, no_weight_decay_names, run_stage
 from stm_dist.models.registry import list_models, mixer_of, model_config, resolve_name
 
 __all__ = ["DetectionBackbone", "create_backbone", "list_backbones", "backbone_config",
@@ -90,10 +90,8 @@ class DetectionBackbone(nn.Module):
         self.grad_checkpointing = enable
 
     def no_weight_decay(self) -> set:
-        """The original's exemptions (its optimizer constructor also exempts every norm)."""
-        skip = {"absolute_pos_embed"}
-        skip.update(n for n, _ in self.named_parameters() if "relative_position_bias_table" in n)
-        return skip
+        """The original's exemptions (its detection optimizer also exempts every norm)."""
+        return no_weight_decay_names(self)
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         if x.dim() != 4 or x.shape[1] != self.in_channels:

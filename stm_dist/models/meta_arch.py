@@ -98,6 +98,13 @@ def _init_weights(m: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+def no_weight_decay_names(module: nn.Module) -> set:
+    """Names the original's optimizer factory exempts from weight decay (spec §1.4)."""
+    skip = {"absolute_pos_embed"}
+    skip.update(n for n, _ in module.named_parameters() if "relative_position_bias_table" in n)
+    return skip
+
+
 def run_stage(block_type, blocks, x, extra=None, grad_checkpointing: bool = False):
     """One stage's blocks, between the block type's optional pre/post_stage_transform. A block is
     called as block(x), or block(x, extra) with the stage's extra input as its own argument, never
@@ -224,10 +231,7 @@ class MetaArch(nn.Module):
         self.grad_checkpointing = enable
 
     def no_weight_decay(self) -> set:
-        """Names the original's optimizer factory exempts from weight decay (spec §1.4)."""
-        skip = {"absolute_pos_embed"}
-        skip.update(n for n, _ in self.named_parameters() if "relative_position_bias_table" in n)
-        return skip
+        return no_weight_decay_names(self)
 
     def group_matcher(self, coarse: bool = False) -> dict:
         """timm's parameter grouping (layer-wise lr decay): the stem is layer 0; each block is

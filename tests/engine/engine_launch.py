@@ -129,3 +129,19 @@ def case_ok(launch: dict, name: str) -> dict:
     if rec["exit"] != 0:
         raise AssertionError(f"{name}: the trainer returned {rec['exit']}")
     return rec
+
+
+def global_batches(run) -> dict:
+    """step -> the keys of its global batch, in (rank, micro) order, the last time the step ran
+    (data.record_keys: data_feed.py's sample_keys_rank<r>.jsonl)."""
+    parts = {}
+    for name in sorted(os.listdir(run)):
+        if name.startswith("sample_keys_rank"):
+            with open(os.path.join(run, name)) as f:
+                for line in f:
+                    r = json.loads(line)
+                    parts[(r["step"], r["rank"], r["micro"])] = r["keys"]
+    out = {}
+    for (step, _, _), keys in sorted(parts.items()):
+        out.setdefault(step, []).extend(keys)
+    return out

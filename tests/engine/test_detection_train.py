@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from engine_launch import REPO, case_ok, records, run_cases, run_train, train_records
+from engine_launch import REPO, case_ok, global_batches, records, run_cases, run_train, train_records
 from resume_runs import run_and_kill_when
 
 pytestmark = pytest.mark.slow
@@ -104,20 +104,6 @@ def losses(run):
     return {r["step"]: r["loss"] for r in train_records(run)}
 
 
-def step_keys(run):
-    """step -> the global batch's sample keys (the last time the step ran)."""
-    parts = {}
-    for rank in (0, 1):
-        with open(os.path.join(run, f"sample_keys_rank{rank}.jsonl")) as f:
-            for line in f:
-                r = json.loads(line)
-                parts[(r["step"], r["rank"], r["micro"])] = r["keys"]
-    out = {}
-    for (step, _, _), keys in sorted(parts.items()):
-        out.setdefault(step, []).extend(keys)
-    return out
-
-
 def log_text(run):
     with open(os.path.join(run, "train.log")) as f:
         return f.read()
@@ -141,7 +127,7 @@ def test_detector_trains_and_its_loss_falls(stage, runs, shards):
     # The trainer's epochs are the plan's: `steps` steps each, every global batch of one
     # orientation, no image twice in an epoch.
     assert [r["epoch"] for r in recs] == [e for e in range(EPOCHS) for _ in range(steps)]
-    keys = step_keys(run)
+    keys = global_batches(run)
     assert sorted(keys) == list(range(1, total + 1))
     for step, batch in keys.items():
         assert len(batch) == GLOBAL_BATCH and len({group[k.split("_")[-1]] for k in batch}) == 1, (step, batch)
@@ -188,7 +174,7 @@ def test_zero2_sigkill_mid_epoch_then_restart_is_bit_identical(runs, shards):
                                                      + list(range(RESUME_AT + 1, KILL_AT + 1)))
     for r in ran:
         assert r["loss"] == ref_losses[r["step"]], f"step {r['step']}: loss differs after the restart"
-    assert step_keys(run) == step_keys(ref)
+    assert global_batches(run) == global_batches(ref)
     evals = [r for r in records(run) if r["kind"] == "eval"]
     ref_eval = [r for r in records(ref) if r["kind"] == "eval"]
     assert [{k: v for k, v in e.items() if k != "time"} for e in evals] == \
@@ -207,6 +193,6 @@ def test_zero3_continues_from_a_mid_epoch_checkpoint_bit_identically(runs, shard
     assert sorted(got) == list(range(BRANCH_AT + 1, EPOCHS * steps + 1))
     for step, loss in got.items():
         assert loss == ref_losses[step], f"step {step}: loss differs from the uninterrupted run"
-    ref_keys = step_keys(ref)
-    assert step_keys(run) == {s: ref_keys[s] for s in got}
+    ref_keys = global_batches(ref)
+    assert global_batches(run) == {s: ref_keys[s] for s in got}
     assert_same_weights(os.path.join(run, "best.pth"), os.path.join(ref, "best.pth"))

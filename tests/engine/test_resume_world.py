@@ -3,13 +3,12 @@ the resumed run continues at the saved step, every global batch holds exactly th
 the uninterrupted run's (compared by sample key, data.record_keys), and with augmentation off
 the first resumed loss is within 1e-5 of it (each global batch is one micro-step on every rank,
 so synchronised BatchNorm sees the same samples whatever the split); the run completes."""
-import json
 import os
 import shutil
 
 import pytest
 
-from engine_launch import BASE, case_ok, run_cases, run_train, train_records
+from engine_launch import BASE, case_ok, global_batches, run_cases, run_train, train_records
 from resume_runs import write_short_epoch_shards
 
 pytestmark = pytest.mark.slow
@@ -22,21 +21,6 @@ PLAIN = ["data.randaug=false", "augment.mixup=0", "augment.cutmix=0", "augment.r
 @pytest.fixture(scope="module")
 def short_shards(tmp_path_factory):
     return write_short_epoch_shards(str(tmp_path_factory.mktemp("digits96")))
-
-
-def global_batches(run) -> dict:
-    """step -> the keys of its global batch, in (rank, micro) order, last run of each step."""
-    parts = {}
-    for name in sorted(os.listdir(run)):
-        if name.startswith("sample_keys_rank"):
-            with open(os.path.join(run, name)) as f:
-                for line in f:
-                    r = json.loads(line)
-                    parts[(r["step"], r["rank"], r["micro"])] = r["keys"]
-    out = {}
-    for (step, _, _), keys in sorted(parts.items()):
-        out.setdefault(step, []).extend(keys)
-    return out
 
 
 def losses(run):
