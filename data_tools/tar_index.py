@@ -69,6 +69,12 @@ def sha256_file(f, chunk: int = 1 << 20) -> str:
         h.update(b)
 
 
+def sha256_path(path: str) -> str:
+    """Hex sha256 of the file at `path` (shards, checkpoints, analysis provenance)."""
+    with open(path, "rb") as f:
+        return sha256_file(f, 1 << 22)
+
+
 def _sync_file_range():
     """libc's sync_file_range (Linux), or None: Python's os module does not wrap it."""
     try:

@@ -15,13 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+from data_tools.tar_index import sha256_path
 
 
 def weights_sha256(model) -> str:
@@ -39,14 +33,14 @@ def weights_sha256(model) -> str:
 
 def data_provenance(shard_dir: str, split: str, manifest: dict) -> dict:
     return {"shards": os.path.abspath(shard_dir), "split": split,
-            "manifest_sha256": file_sha256(os.path.join(shard_dir, f"{split}.json")),
+            "manifest_sha256": sha256_path(os.path.join(shard_dir, f"{split}.json")),
             "num_samples": int(manifest["num_samples"]), "num_classes": int(manifest["num_classes"])}
 
 
 def checkpoint_provenance(checkpoint: str, model) -> dict:
     is_file = checkpoint != "random" and os.path.isfile(checkpoint)
     return {"path": checkpoint if checkpoint == "random" else os.path.abspath(checkpoint),
-            "sha256": file_sha256(checkpoint) if is_file else None,
+            "sha256": sha256_path(checkpoint) if is_file else None,
             "weights_sha256": weights_sha256(model)}
 
 

@@ -13,7 +13,6 @@ file, and the previous one is used.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,6 +20,8 @@ import subprocess
 import sys
 
 import torch
+
+from data_tools.tar_index import sha256_path
 
 from .distributed import barrier
 
@@ -47,12 +48,6 @@ def _files(tag_dir: str) -> list[str]:
     return sorted(out)
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fsync(path: str):
@@ -70,7 +65,7 @@ def _durable_manifest(tag_dir: str) -> tuple[dict, dict]:
         full = os.path.join(tag_dir, rel)
         _fsync(full)
         sizes[rel] = os.path.getsize(full)
-        hashes[rel] = _sha256(full)
+        hashes[rel] = sha256_path(full)
     for root, _, _ in os.walk(tag_dir):
         _fsync(root)
     return sizes, hashes
@@ -120,7 +115,7 @@ def _check(tag_dir: str, verify: bool = False):
             return None, f"file {rel} has {os.path.getsize(full)} bytes, {size} were written"
     if verify:
         for rel, digest in marker.get("sha256", {}).items():
-            if _sha256(os.path.join(tag_dir, rel)) != digest:
+            if sha256_path(os.path.join(tag_dir, rel)) != digest:
                 return None, f"file {rel} does not match its checksum (changed on disk after it was written)"
     return marker, None
 
