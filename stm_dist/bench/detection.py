@@ -14,10 +14,10 @@ shared box the wall clock also counts waiting to be scheduled.
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
+
+from stm_dist.bench.worker_launch import finish_worker, launch
 
 MODES = ("torch", "zero0", "zero1", "zero2", "zero3")
 
@@ -178,26 +178,13 @@ def _demo_data(root: str, images: int, args) -> str:
 
 
 def _launch(args, mode: str) -> dict:
-    from stm_dist.engine.distributed import _free_port, accelerator_name
+    def forward(result):
+        return ["--model", args.model, "--head", args.head, "--short-side", str(args.short_side), "--max-size",
+                str(args.max_size), "--micro-batch", str(args.micro_batch), "--steps", str(args.steps), "--warmup",
+                str(args.warmup), "--precision", args.precision, "--data", args.data, "--worker", mode,
+                "--result", result]
 
-    env = dict(os.environ)
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    env.setdefault("DS_ACCELERATOR", accelerator_name())
-    env.setdefault("OMP_NUM_THREADS", "1")
-    with tempfile.TemporaryDirectory() as tmp:
-        result = os.path.join(tmp, "r.json")
-        fwd = ["--model", args.model, "--head", args.head, "--short-side", str(args.short_side), "--max-size",
-               str(args.max_size), "--micro-batch", str(args.micro_batch), "--steps", str(args.steps), "--warmup",
-               str(args.warmup), "--precision", args.precision, "--data", args.data, "--worker", mode,
-               "--result", result]
-        cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_accelerators", str(args.procs),
-               "--master_port", str(_free_port()), "--module", "stm_dist.bench.detection"] + fwd
-        p = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if p.returncode != 0 or not os.path.exists(result):
-            raise RuntimeError(f"stm-bench detection: {mode} failed (exit {p.returncode}):\n{p.stdout[-3000:]}\n"
-                               f"{p.stderr[-3000:]}")
-        with open(result) as f:
-            return json.load(f)
+    return launch("stm_dist.bench.detection", args.procs, forward, f"stm-bench detection: {mode}")
 
 
 def _median(rs: list, key: str) -> float:
@@ -207,15 +194,7 @@ def _median(rs: list, key: str) -> float:
 
 def run(args):
     if args.worker:
-        from stm_dist.engine.distributed import finish
-
-        r = _worker(args)
-        import torch.distributed as dist
-
-        if dist.get_rank() == 0:
-            with open(args.result, "w") as f:
-                json.dump(r, f)
-        finish(0)
+        finish_worker(lambda: _worker(args), args.result)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in MODES]
     if bad:

@@ -15,10 +15,9 @@ clock counts the time a rank waits to be scheduled, the CPU time mostly does not
 import argparse
 import json
 import os
-import subprocess
-import sys
-import tempfile
 import time
+
+from stm_dist.bench.worker_launch import finish_worker, launch
 
 MODES = ("torch", "zero0", "zero1", "zero2", "zero3")
 
@@ -139,14 +138,7 @@ def _worker(args) -> dict:
 
 
 def _launch(args, mode: str) -> dict:
-    from stm_dist.engine.distributed import _free_port, accelerator_name
-
-    env = dict(os.environ)
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    env.setdefault("DS_ACCELERATOR", accelerator_name())
-    env.setdefault("OMP_NUM_THREADS", "1")
-    with tempfile.TemporaryDirectory() as tmp:
-        result = os.path.join(tmp, "r.json")
+    def forward(result):
         fwd = ["--model", args.model, "--img-size", str(args.img_size), "--num-classes", str(args.num_classes),
                "--micro-batch", str(args.micro_batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--precision", args.precision, "--worker", mode, "--result", result]
@@ -157,26 +149,14 @@ def _launch(args, mode: str) -> dict:
             fwd += ["--profile", os.path.abspath(f"{args.profile}.{tag}.prof")]
         if args.data:
             fwd += ["--data", args.data]
-        cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_accelerators", str(args.procs),
-               "--master_port", str(_free_port()), "--module", "stm_dist.bench.train"] + fwd
-        p = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if p.returncode != 0 or not os.path.exists(result):
-            raise RuntimeError(f"stm-bench train: {mode} failed (exit {p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-        with open(result) as f:
-            return json.load(f)
+        return fwd
+
+    return launch("stm_dist.bench.train", args.procs, forward, f"stm-bench train: {mode}")
 
 
 def run(args):
     if args.worker:
-        from stm_dist.engine.distributed import finish
-
-        r = _worker(args)
-        import torch.distributed as dist
-
-        if dist.get_rank() == 0:
-            with open(args.result, "w") as f:
-                json.dump(r, f)
-        finish(0)
+        finish_worker(lambda: _worker(args), args.result)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m.split(":", 1)[0] not in MODES]
     if bad:
