@@ -55,6 +55,7 @@ class MaskRCNNConfig:
     roi_iou: float = 0.5
     roi_batch: int = 512
     roi_pos_fraction: float = 0.25
+    roi_sampling_ratio: int = 0  # RoIAlign samples per bin side; 0 = adaptive (mmcv's default)
     box_roi_size: int = 7
     mask_roi_size: int = 14
     mask_size: int = 28
@@ -64,7 +65,9 @@ class MaskRCNNConfig:
     detections_per_img: int = 100
 
 
-SLIM = {"fc_dim": 256, "mask_convs": 2}  # CPU tests and the demo: small FCs, half the mask convs
+# CPU tests and the demo: small FCs, half the mask convs, half the sampled RoIs and 2x2 RoIAlign samples
+# per bin (torchvision's CPU RoIAlign backward was 29% of a demo step with adaptive sampling and 512 RoIs).
+SLIM = {"fc_dim": 256, "mask_convs": 2, "roi_batch": 128, "roi_sampling_ratio": 2}
 
 
 def head_config(head="full", fpn_channels=None):
@@ -145,7 +148,7 @@ def build_detector(backbone, num_classes, *, fpn_channels=None, head="full", mmd
     strides 4-32.
 
     head="full" is the original's head (FPN 256, FC 1024, 4 mask convs of 256); "slim" is a CPU-sized
-    one (FPN 64, FC 256, 2 mask convs). Training always uses mmdet's rules where torchvision's differ
+    one (FPN 64, FC 256, 2 mask convs, 256 sampled RoIs, 2x2 RoIAlign samples). Training always uses mmdet's rules where torchvision's differ
     cheaply (L1 box losses, unrounded anchors at fixed strides, aligned adaptive RoIAlign, binarised
     mask targets, mmdet's low-quality matching and initialisation). `mmdet_compat=True` also pastes
     masks as mmdet does (grid_sample over the image, costlier): for reproducing released detectors."""
@@ -185,7 +188,7 @@ def build_detector(backbone, num_classes, *, fpn_channels=None, head="full", mmd
     mask_predictor = MaskRCNNPredictor(cfg.mask_channels, cfg.mask_channels, num_classes + 1)
     init_like_mmdet(neck, box_head, box_predictor, mask_predictor)
     roi_heads = MmdetRoIHeads(
-        FixedScaleRoIAlign(ROI_FEATURES, cfg.box_roi_size, FEATURE_STRIDES),
+        FixedScaleRoIAlign(ROI_FEATURES, cfg.box_roi_size, FEATURE_STRIDES, cfg.roi_sampling_ratio),
         box_head,
         box_predictor,
         cfg.roi_iou,
@@ -196,7 +199,7 @@ def build_detector(backbone, num_classes, *, fpn_channels=None, head="full", mmd
         cfg.score_thresh,
         cfg.nms_thresh,
         cfg.detections_per_img,
-        mask_roi_pool=FixedScaleRoIAlign(ROI_FEATURES, cfg.mask_roi_size, FEATURE_STRIDES),
+        mask_roi_pool=FixedScaleRoIAlign(ROI_FEATURES, cfg.mask_roi_size, FEATURE_STRIDES, cfg.roi_sampling_ratio),
         mask_head=mask_head,
         mask_predictor=mask_predictor,
         proposal_matcher=MmdetMatcher(cfg.roi_iou, cfg.roi_iou, cfg.roi_iou),

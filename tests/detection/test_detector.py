@@ -111,6 +111,14 @@ def test_slim_and_full_heads_have_the_configured_sizes(model):
     assert model.config.fpn_channels == 64 and model.config.fc_dim == 256
     assert model.roi_heads.box_predictor.cls_score.out_features == K + 1
     assert model.roi_heads.box_predictor.bbox_pred.out_features == 4 * (K + 1)
+    # The slim head samples fewer RoIs with fixed 2x2 RoIAlign samples (CPU speed); the full head keeps
+    # mmdet's 512 RoIs and adaptive sampling, which the released detectors' numerics depend on.
+    heads = model.roi_heads
+    assert heads.fg_bg_sampler.batch_size_per_image == 128
+    assert heads.box_roi_pool.sampling_ratio == heads.mask_roi_pool.sampling_ratio == 2
+    full = build_detector(model.backbone, K, head="full").roi_heads
+    assert full.fg_bg_sampler.batch_size_per_image == 512
+    assert full.box_roi_pool.sampling_ratio == full.mask_roi_pool.sampling_ratio == 0
     with pytest.raises(ValueError, match="head must be 'full' or 'slim'"):
         build_detector(model.backbone, K, head="tiny")
     with pytest.raises(ValueError, match="need a backbone name"):
