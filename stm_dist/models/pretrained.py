@@ -23,6 +23,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from .names import unalias
 from .weights_file import CheckpointError, _truthy, read_file
 
 __all__ = ["load_pretrained", "extract_state_dict", "read_label_map", "LoadReport", "CheckpointError"]
@@ -209,13 +210,7 @@ def _other_model(named, model) -> str:
     mine = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
     if not mine:
         return ""
-    from .registry import resolve_name
-
-    try:
-        same = resolve_name(named) == resolve_name(mine)
-    except KeyError:
-        same = named == mine
-    return None if same else f", not {mine}"
+    return None if unalias(named) == unalias(mine) else f", not {mine}"
 
 
 def _load(model, obj, source, label_map, strict, use_ema, new_head, is_ema) -> LoadReport:

@@ -25,6 +25,7 @@ import warnings
 from typing import Dict, Optional, Sequence
 
 from .meta_arch import MetaArch
+from .names import ALIASES, unalias
 
 __all__ = ["create_model", "list_models", "model_config", "resolve_name", "register_mixer", "mixers",
            "mixer_of", "load_mixer_module", "load_plugins", "paper_release", "MixerError"]
@@ -41,7 +42,7 @@ _SIZE_NAME = re.compile(r"^[a-z0-9]+$")  # no '_': the size is what follows the 
 _models: Dict[str, dict] = {}  # model name -> config (block + MetaArch arguments + url)
 _mixers: Dict[str, dict] = {}  # mixer name -> dict(block=..., sizes=(...), aliases=(...))
 _of: Dict[str, tuple] = {}  # model name -> (mixer, size)
-_aliases: Dict[str, str] = {}  # "unified_halonet_" -> "unified_halo_"
+_aliases = ALIASES  # "unified_halonet_" -> "unified_halo_" (names.py)
 
 
 class MixerError(ValueError):
@@ -136,9 +137,7 @@ def list_models(pattern: str = "*") -> list:
 
 def resolve_name(name: str) -> str:
     """Canonical model name for `name` (aliases resolved); a clear error if unknown."""
-    for alias, canonical in _aliases.items():
-        if name.startswith(alias):
-            name = canonical + name[len(alias):]
+    name = unalias(name)
     if name not in _models:
         close = difflib.get_close_matches(name, list(_models), n=5, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
