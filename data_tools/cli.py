@@ -109,16 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("demo-coco", help="write a small instance-segmentation set in the COCO layout: scikit-learn "
                        "digits pasted onto scikit-image photos, with exact boxes and masks")
     g.add_argument("--out", required=True, help="ROOT; gets annotations/instances_{train,val}.json, train/, val/")
-    g.add_argument("--train-images", type=int, default=300)
-    g.add_argument("--val-images", type=int, default=100)
+    from data_tools.demo_coco import DEFAULTS as D
+
+    g.add_argument("--train-images", type=int, default=D["train_images"])
+    g.add_argument("--val-images", type=int, default=D["val_images"])
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--min-digits", type=int, default=2, help="digits pasted per image, at least")
-    g.add_argument("--max-digits", type=int, default=5)
-    g.add_argument("--min-size", type=int, default=32, help="digit side in pixels, at least")
-    g.add_argument("--max-size", type=int, default=96)
-    g.add_argument("--min-canvas", type=int, default=256, help="image side in pixels, at least")
-    g.add_argument("--max-canvas", type=int, default=384)
-    g.add_argument("--max-hidden", type=float, default=0.5,
+    g.add_argument("--min-digits", type=int, default=D["min_digits"], help="digits pasted per image, at least")
+    g.add_argument("--max-digits", type=int, default=D["max_digits"])
+    g.add_argument("--min-size", type=int, default=D["min_size"], help="digit side in pixels, at least")
+    g.add_argument("--max-size", type=int, default=D["max_size"])
+    g.add_argument("--min-canvas", type=int, default=D["min_canvas"], help="image side in pixels, at least")
+    g.add_argument("--max-canvas", type=int, default=D["max_canvas"])
+    g.add_argument("--max-hidden", type=float, default=D["max_hidden"],
                    help="a digit may cover at most this fraction of an earlier one (1: any; fully hidden "
                         "ones are dropped)")
     g.set_defaults(func=_demo_coco)

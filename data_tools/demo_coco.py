@@ -28,6 +28,10 @@ from PIL import Image
 # (printed characters would be unlabelled digit look-alikes).
 BACKGROUNDS = ("astronaut", "brick", "camera", "cat", "cell", "chelsea", "clock", "coffee", "coins", "grass",
                "gravel", "hubble_deep_field", "immunohistochemistry", "moon", "retina", "rocket")
+# What `stm-shards demo-coco` writes unless told otherwise, and what `make demo-detection` trains on
+# (stm_dist/cli/demo_detection.py says why each value).
+DEFAULTS = {"train_images": 400, "val_images": 100, "min_digits": 3, "max_digits": 6, "min_size": 32,
+            "max_size": 80, "min_canvas": 192, "max_canvas": 288, "max_hidden": 0.25}
 SPLITS = (("train", 0), ("val", 1_000_000))  # split name, offset of its image and annotation ids
 JPEG_QUALITY = 90
 _BG_SIDE = 512  # backgrounds are cut down to this once: crops then resize small images
@@ -127,9 +131,11 @@ def _compose(rng, backgrounds, digits, labels, cfg):
     return np.clip(img.round(), 0, 255).astype(np.uint8), kept, len(objects) - len(kept)
 
 
-def write_demo_coco(out: str, *, train_images: int = 300, val_images: int = 100, seed: int = 0,
-                    min_digits: int = 2, max_digits: int = 5, digit_sizes=(32, 96), canvas_sizes=(256, 384),
-                    max_hidden: float = 0.5) -> dict:
+def write_demo_coco(out: str, *, train_images: int = DEFAULTS["train_images"], val_images: int = DEFAULTS["val_images"],
+                    seed: int = 0, min_digits: int = DEFAULTS["min_digits"], max_digits: int = DEFAULTS["max_digits"],
+                    digit_sizes=(DEFAULTS["min_size"], DEFAULTS["max_size"]),
+                    canvas_sizes=(DEFAULTS["min_canvas"], DEFAULTS["max_canvas"]),
+                    max_hidden: float = DEFAULTS["max_hidden"]) -> dict:
     """Write ``out/{train,val}/*.jpg`` and ``out/annotations/instances_{train,val}.json``."""
     from pycocotools import mask as mask_utils
 

@@ -17,6 +17,7 @@ import shutil
 import sys
 import time
 
+from data_tools.demo_coco import DEFAULTS as DEMO_COCO_DEFAULTS
 from stm_dist.cli.demo import _env, _port, _run
 from stm_dist.engine.config import REPO_ROOT
 
@@ -26,8 +27,8 @@ CONFIG = os.path.join(REPO_ROOT, "configs", "detection", "demo_coco.yaml")
 # more objects per step at no extra backbone cost; digits of 32-80 px sit at the anchors' sizes
 # (32 px and up) and at the classification demo's scale, so its weights transfer; a digit hides at
 # most a quarter of another (occlusion stays; at one half many digits were guesses even to a reader).
-DATA = {"train-images": 400, "val-images": 100, "min-digits": 3, "max-digits": 6,
-        "min-size": 32, "max-size": 80, "min-canvas": 192, "max-canvas": 288, "max-hidden": 0.25}
+# The values are stm-shards demo-coco's defaults (data_tools.demo_coco.DEFAULTS).
+DATA = {k.replace("_", "-"): v for k, v in DEMO_COCO_DEFAULTS.items()}
 
 
 def main(argv=None) -> int:
