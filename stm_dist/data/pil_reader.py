@@ -97,15 +97,8 @@ class _PlanSampler:
         self.ld, self.start = loader, (epoch, step, micro)
 
     def __iter__(self):
-        ld = self.ld
-        epoch, step, micro = self.start
-        while True:
-            while step < ld.steps:
-                for j in range(micro, ld.accum):
-                    for i in ld.micro_indices(epoch, step, j):
-                        yield int(i), epoch_seed(ld.seed, epoch, int(i), 3)
-                step, micro = step + 1, 0
-            epoch, step = epoch + 1, 0
+        for i, epoch in self.ld.positions(*self.start):
+            yield i, epoch_seed(self.ld.seed, epoch, i, 3)
 
 
 class PilTrainLoader(PlanTrainLoader):

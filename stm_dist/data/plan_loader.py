@@ -64,6 +64,17 @@ class PlanTrainLoader:
         """Sample indices of this rank's micro-batch ``j`` of global batch ``step``."""
         return self.plan.micro(epoch, step, self.rank * self.accum + j, self.batch_size)
 
+    def positions(self, epoch: int, step: int, micro: int):
+        """(sample index, epoch) of this rank's stream through the plan from a position, across
+        epoch ends (never exhausted: the loader counts what it hands out)."""
+        while True:
+            while step < self.steps:
+                for j in range(micro, self.accum):
+                    for i in self.micro_indices(epoch, step, j):
+                        yield int(i), epoch
+                step, micro = step + 1, 0
+            epoch, step = epoch + 1, 0
+
     def keys(self, epoch: int, step: int) -> list[list[str]]:
         """webdataset ``__key__`` of every sample of this rank's micro-batches of one step."""
         return [self.table.keys(self.micro_indices(epoch, step, j)) for j in range(self.accum)]

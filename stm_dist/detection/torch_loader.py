@@ -82,15 +82,7 @@ class _PlanItems:
         self.ld, self.start = loader, (epoch, step, micro)
 
     def __iter__(self):
-        ld = self.ld
-        epoch, step, micro = self.start
-        while True:
-            while step < ld.steps:
-                for j in range(micro, ld.accum):
-                    for i in ld.micro_indices(epoch, step, j):
-                        yield int(i), epoch
-                step, micro = step + 1, 0
-            epoch, step = epoch + 1, 0
+        return self.ld.positions(*self.start)
 
 
 def _data_loader(dataset, items, batch_size, num_threads, size_divisor):
