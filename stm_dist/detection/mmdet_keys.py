@@ -143,6 +143,17 @@ def read_mmdet_checkpoint(path):
     return sd
 
 
+def key_mismatches(own: dict, sd: dict) -> tuple:
+    """(missing, unexpected, shape mismatches) of weights `sd` against a detector's state dict `own`;
+    buffers the backbone derives from its configuration (DERIVED_BUFFERS) may be missing. The
+    mismatches read "key: file (shape) vs model (shape)"."""
+    missing = [k for k in own if k not in sd and not k.endswith(DERIVED_BUFFERS)]
+    unexpected = [k for k in sd if k not in own]
+    wrong = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+             for k in sd if k in own and sd[k].shape != own[k].shape]
+    return missing, unexpected, wrong
+
+
 def load_mmdet_detector(model, path_or_state_dict, log=print):
     """Load a released mmdet 2.x Mask R-CNN into `model` (built by build_detector with the same backbone
     and num_classes, normally with mmdet_compat=True). Strict: every tensor of ours comes from the file
@@ -154,10 +165,7 @@ def load_mmdet_detector(model, path_or_state_dict, log=print):
         source, sd = path_or_state_dict, read_mmdet_checkpoint(path_or_state_dict)
     ours = mmdet_to_ours(sd, source=str(source))
     own = model.state_dict()
-    missing = [k for k in own if k not in ours and not k.endswith(DERIVED_BUFFERS)]
-    unexpected = [k for k in ours if k not in own]
-    wrong = [f"{k}: file {tuple(ours[k].shape)} vs model {tuple(own[k].shape)}"
-             for k in ours if k in own and ours[k].shape != own[k].shape]
+    missing, unexpected, wrong = key_mismatches(own, ours)
     if missing or unexpected or wrong:
         hint = ""
         if any(k.startswith(_OUR_CLS) for k in wrong):

@@ -229,13 +229,10 @@ def load_detector_source(src: str, ema: bool = False, warn=print, model: str | N
 def load_into(model: torch.nn.Module, sd: dict, source: str) -> None:
     """Strict load of our-layout detector weights; buffers the backbone derives from its
     configuration (relative_position_index, attn_mask) are kept when the weights lack them."""
-    from stm_dist.detection.mmdet_keys import DERIVED_BUFFERS
+    from stm_dist.detection.mmdet_keys import key_mismatches
 
     own = model.state_dict()
-    missing = [k for k in own if k not in sd and not k.endswith(DERIVED_BUFFERS)]
-    unexpected = [k for k in sd if k not in own]
-    wrong = [f"{k}: weights {tuple(sd[k].shape)} vs detector {tuple(own[k].shape)}"
-             for k in sd if k in own and sd[k].shape != own[k].shape]
+    missing, unexpected, wrong = key_mismatches(own, sd)
     if missing or unexpected or wrong:
         raise ValueError(f"{source} does not fit the detector: missing {missing[:8]}, unexpected {unexpected[:8]}, "
                          f"shape mismatches {wrong[:8]} (another backbone or size?)")
